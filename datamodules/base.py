@@ -1,0 +1,162 @@
+"""Conventions shared by every hyperlit DataModule.
+
+* ``data_dir`` defaults to ``$HYPERLIT_DATA_DIR`` and falls back to ``~/.cache/hyperlit``.
+* Downloads happen only in :meth:`HyperlitDataModule.prepare_data` and only with ``download=True``.
+* Missing files raise :class:`DatasetNotFoundError`, which names the files, the expected layout and the
+  ``download`` option.
+* Splits are seeded (``split_seed``) so every process and every run sees the same partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "DataFormatError",
+    "DatasetNotFoundError",
+    "HyperlitDataModule",
+    "default_data_dir",
+    "download_url",
+    "seeded_split_indices",
+]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Raised when a data set's files are missing from ``data_dir``.
+
+    The message names the missing files, the layout the DataModule expects and how to download them.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        root: str | Path,
+        missing: Sequence[str | Path],
+        layout: str,
+        download_hint: str = "pass download=True (CLI: --data.download true) on a machine with internet access",
+    ) -> None:
+        self.dataset = dataset
+        self.root = Path(root)
+        self.missing = [str(m) for m in missing]
+        missing_txt = "\n".join(f"  - {m}" for m in self.missing)
+        message = (
+            f"{dataset} not found in {self.root}.\n"
+            f"Missing files:\n{missing_txt}\n"
+            f"Expected layout under data_dir:\n{layout}\n"
+            f"Point data_dir at the folder that holds it (CLI: --data.data_dir PATH, or set HYPERLIT_DATA_DIR), "
+            f"or {download_hint}."
+        )
+        super().__init__(message)
+
+
+class DataFormatError(ValueError):
+    """Raised when a data file exists but does not have the expected format (truncated, wrong columns...)."""
+
+
+def default_data_dir() -> str:
+    """``$HYPERLIT_DATA_DIR`` if set, else ``~/.cache/hyperlit``."""
+    env = os.environ.get("HYPERLIT_DATA_DIR")
+    if env:
+        return env
+    return str(Path("~/.cache/hyperlit").expanduser())
+
+
+def download_url(url: str, dest: str | Path, md5: str | None = None) -> Path:
+    """Download ``url`` to ``dest`` atomically (``.part`` file, then rename) and check ``md5`` if given."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as fh:
+            while chunk := response.read(1 << 20):
+                fh.write(chunk)
+    except OSError as err:  # URLError is an OSError
+        tmp.unlink(missing_ok=True)
+        raise ConnectionError(f"could not download {url} to {dest}: {err}") from err
+    if md5 is not None:
+        digest = hashlib.md5(tmp.read_bytes()).hexdigest()
+        if digest != md5:
+            tmp.unlink(missing_ok=True)
+            raise DataFormatError(f"md5 of {url} is {digest}, expected {md5}")
+    os.replace(tmp, dest)
+    return dest
+
+
+def seeded_split_indices(n: int, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
+    """Partition ``range(n)`` into consecutive chunks of a seeded permutation with the given fractions.
+
+    The last chunk takes the rounding remainder, so the chunks always cover all ``n`` indices.
+    """
+    if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be non-negative and sum to 1, got {list(fractions)}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    sizes = [int(round(f * n)) for f in fractions[:-1]]
+    sizes.append(n - sum(sizes))
+    return list(torch.split(perm, sizes))
+
+
+class HyperlitDataModule(pl.LightningDataModule):
+    """Base class: data location, download flag and loader settings shared by all DataModules.
+
+    Args:
+        data_dir: Folder that holds the data set's files. Defaults to ``$HYPERLIT_DATA_DIR``, else
+            ``~/.cache/hyperlit``.
+        download: Download missing files in ``prepare_data`` (needs internet access).
+        batch_size: Training batch size (per process under DDP).
+        eval_batch_size: Batch size of validation/test/predict loaders (defaults to ``batch_size``).
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory for faster host-to-GPU copies.
+        split_seed: Seed of the train/validation split (identical on every rank).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        download: bool = False,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
+        self.download = download
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.split_seed = split_seed
+
+    # -- helpers for subclasses -------------------------------------------------------------------
+    def _loader(
+        self, dataset: Dataset[Any], shuffle: bool, batch_size: int | None = None, drop_last: bool = False
+    ) -> DataLoader[Any]:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or (self.batch_size if shuffle else self.eval_batch_size),
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def check_files(self, dataset: str, root: Path, files: Sequence[str], layout: str) -> None:
+        """Raise :class:`DatasetNotFoundError` naming every file of ``files`` missing under ``root``."""
+        missing = [str(root / f) for f in files if not (root / f).exists()]
+        if missing:
+            raise DatasetNotFoundError(dataset, root, missing, layout)

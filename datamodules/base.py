@@ -99,7 +99,7 @@ def seeded_split_indices(n: int, fractions: Sequence[float], seed: int) -> list[
     if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must be non-negative and sum to 1, got {list(fractions)}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    sizes = [int(round(f * n)) for f in fractions[:-1]]
+    sizes = [round(f * n) for f in fractions[:-1]]
     sizes.append(n - sum(sizes))
     return list(torch.split(perm, sizes))
 

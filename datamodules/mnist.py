@@ -110,9 +110,7 @@ class MNISTDataModule(HyperlitDataModule):
         if val_size < 0 or (train_size is not None and train_size < 1):
             raise ValueError(f"need train_size >= 1 and val_size >= 0, got {train_size}, {val_size}")
         if train_size is not None and train_size + val_size > 60000:
-            raise ValueError(
-                f"train_size + val_size = {train_size + val_size} exceeds MNIST's 60,000 training images"
-            )
+            raise ValueError(f"train_size + val_size = {train_size + val_size} exceeds MNIST's 60,000 training images")
         self.train_size = train_size
         self.val_size = val_size
         self.test_size = test_size
@@ -152,9 +150,7 @@ class MNISTDataModule(HyperlitDataModule):
         self.test_set = TensorDataset(self._to_float(test_images), test_labels)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.train_set, shuffle=True, batch_size=min(self.batch_size, len(self.train_set))
-        )
+        return self._loader(self.train_set, shuffle=True, batch_size=min(self.batch_size, len(self.train_set)))
 
     def hyper_dataloader(self) -> DataLoader:
         """The validation split, shuffled, for hyperparameter steps."""

@@ -94,24 +94,18 @@ class Hyperparameter:
         if not self.low < self.high:
             raise ValueError(f"{where}: empty or inverted range ({self.low}, {self.high}); need low < high")
         if not self.low < self.init < self.high:
-            raise ValueError(
-                f"{where}: initial value {self.init} lies outside its range ({self.low}, {self.high})"
-            )
+            raise ValueError(f"{where}: initial value {self.init} lies outside its range ({self.low}, {self.high})")
         if not self.init_sigma > 0:
             raise ValueError(f"{where}: init_sigma must be > 0, got {self.init_sigma}")
         if self.size < 1:
             raise ValueError(f"{where}: size must be >= 1, got {self.size}")
         kind = self.kind()
         if kind == _SIGMOID and not (math.isfinite(self.low) and math.isfinite(self.high)):
-            raise ValueError(
-                f"{where}: transform 'sigmoid' needs a finite range, got ({self.low}, {self.high})"
-            )
+            raise ValueError(f"{where}: transform 'sigmoid' needs a finite range, got ({self.low}, {self.high})")
         if kind == _EXP and self.low != 0.0:
             raise ValueError(f"{where}: transform 'log' maps to (0, inf); set low=0 (got {self.low})")
         if kind == _IDENTITY and (math.isfinite(self.low) or math.isfinite(self.high)):
-            raise ValueError(
-                f"{where}: transform 'identity' needs an unbounded range, got ({self.low}, {self.high})"
-            )
+            raise ValueError(f"{where}: transform 'identity' needs an unbounded range, got ({self.low}, {self.high})")
 
 
 class HyperparameterSpace(nn.Module):
@@ -153,17 +147,13 @@ class HyperparameterSpace(nn.Module):
         self.dim = start
 
         def col(values: Iterable[float]) -> Tensor:
-            return torch.tensor(
-                [v for h, v in zip(entries, values) for _ in range(h.size)], dtype=torch.float32
-            )
+            return torch.tensor([v for h, v in zip(entries, values) for _ in range(h.size)], dtype=torch.float32)
 
         self.register_buffer("_low", col(h.low for h in entries), persistent=False)
         self.register_buffer("_high", col(h.high for h in entries), persistent=False)
         self.register_buffer("_kind", col(float(h.kind()) for h in entries).long(), persistent=False)
         self.register_buffer("_discrete", col(float(h.discrete) for h in entries).bool(), persistent=False)
-        self.register_buffer(
-            "_per_example", col(float(h.per_example) for h in entries).bool(), persistent=False
-        )
+        self.register_buffer("_per_example", col(float(h.per_example) for h in entries).bool(), persistent=False)
 
         init = col(h.init + (0.5 if h.discrete else 0.0) for h in entries)
         # discrete entries start at the centre of their bucket so that floor() gives exactly `init`
@@ -267,10 +257,7 @@ class HyperparameterSpace(nn.Module):
         with torch.no_grad():
             for h in self.entries:
                 sl = self._slices[h.name]
-                if (
-                    not torch.isfinite(self.unconstrained[sl]).all()
-                    or not torch.isfinite(self.scale[sl]).all()
-                ):
+                if not torch.isfinite(self.unconstrained[sl]).all() or not torch.isfinite(self.scale[sl]).all():
                     bad.append(f"{h.name} (λ={self.unconstrained[sl].tolist()}, s={self.scale[sl].tolist()})")
         if bad:
             at = f" at step {step}" if step is not None else ""
@@ -295,6 +282,4 @@ class HyperparameterSpace(nn.Module):
         }
 
     def extra_repr(self) -> str:
-        return ", ".join(
-            f"{h.name}∈({h.low}, {h.high})" + ("[int]" if h.discrete else "") for h in self.entries
-        )
+        return ", ".join(f"{h.name}∈({h.low}, {h.high})" + ("[int]" if h.discrete else "") for h in self.entries)

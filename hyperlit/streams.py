@@ -39,7 +39,7 @@ def attach_hyper_stream(trainer: pl.Trainer) -> None:
 
     def combined() -> Any:
         train = original()
-        if isinstance(train, CombinedLoader) or isinstance(train, Mapping):
+        if isinstance(train, (CombinedLoader, Mapping)):
             return train
         return CombinedLoader({"train": train, "hyper": hyper()}, mode="max_size_cycle")
 

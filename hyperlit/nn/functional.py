@@ -18,9 +18,7 @@ def call_with_weights(target: nn.Module, weights: Mapping[str, Tensor], *args: A
     Parameters absent from ``weights`` (e.g. per-task heads kept as ordinary parameters) and buffers are taken
     from ``target`` itself.
     """
-    unknown = (
-        set(weights) - {n for n, _ in target.named_parameters()} - {n for n, _ in target.named_buffers()}
-    )
+    unknown = set(weights) - {n for n, _ in target.named_parameters()} - {n for n, _ in target.named_buffers()}
     if unknown:
         raise KeyError(f"weights name tensors the target does not have: {sorted(unknown)}")
     return functional_call(target, dict(weights), args, kwargs, strict=False)
@@ -63,8 +61,6 @@ def materialize(target: nn.Module, weights: Mapping[str, Tensor]) -> nn.Module:
             if name not in params:
                 raise KeyError(f"target has no parameter {name!r}")
             if params[name].shape != value.shape:
-                raise ValueError(
-                    f"{name}: shape {tuple(value.shape)} != target's {tuple(params[name].shape)}"
-                )
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != target's {tuple(params[name].shape)}")
             params[name].copy_(value.detach())
     return module

@@ -1,0 +1,414 @@
+"""The alternating bilevel loop shared by Self-Tuning Networks and best-response hypernetworks.
+
+Bilevel problem (MacKay et al. 2019, Eq. 1; Lorraine & Duvenaud 2018, Eq. 1):
+``λ* = argmin_λ L_val(λ, w*(λ))`` with ``w*(λ) = argmin_w L_train(λ, w)``. A best-response approximation
+``ŵ_φ(λ)`` is trained on training batches at perturbed hyperparameters (φ-steps), and λ (and the perturbation
+scale σ) descend the held-out loss through ``ŵ_φ`` (λ-steps):
+
+* φ-step (STN Alg. 1 line 4; L&D Alg. 3): ``λ_b = λ + σ ⊙ ε_b`` per example, detached; ``φ ← φ − α ∇_φ L_train``.
+* λ-step (STN Alg. 1 line 7): model in eval mode, ``λ, σ ← descend L_val(ŵ_φ(λ + σ ⊙ ε)) − τ · H[p(ε | σ)]``
+  (the entropy term and the perturbation only when σ is tuned).
+
+Each Lightning training batch is ``{"train": ..., "hyper": ...}`` (see :mod:`hyperlit.streams`). A batch always
+gives one φ-step (unless ``train_steps == 0`` after warm-up, i.e. φ frozen: L&D's global mode, phase 2); after
+warm-up, λ-steps are interleaved so that there are ``hyper_steps`` λ-steps for every ``train_steps`` φ-steps, on
+the batch's ``hyper`` part (when ``hyper_steps > train_steps`` several λ-steps share that batch, each with a fresh
+perturbation). An epoch is therefore one pass over the training stream; the hyper stream is cycled.
+
+Under DDP the hyperparameters are excluded from DDP's reducer (``_ddp_params_and_buffers_to_ignore``) and their
+gradients are computed with ``torch.autograd.grad`` and averaged over ranks by hand, so neither phase leaves
+parameters without gradients.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from hyperlit.hparams import Hyperparameter, HyperparameterSpace
+from hyperlit.streams import attach_hyper_stream, split_streams
+
+__all__ = ["BilevelModule"]
+
+
+class BilevelModule(pl.LightningModule):
+    """Base LightningModule for hyperparameter tuning with a best-response approximation.
+
+    Subclasses implement :meth:`train_loss` and :meth:`hyper_loss` (and usually :meth:`eval_metrics`).
+
+    Args:
+        hyperparameters: The tuned hyperparameters; ``None`` uses :meth:`default_hyperparameters`.
+        train_steps: φ-steps per cycle (STN's T_train; official default 2). ``0`` freezes φ after warm-up.
+        hyper_steps: λ-steps per cycle (STN's T_val; official default 1).
+        warmup_epochs: Epochs of φ-steps only (λ fixed but perturbed) before λ starts to move (official CNN: 5).
+        warmup_steps: Alternatively (or additionally) a number of warm-up φ-steps (official LSTM: one epoch).
+        entropy_weight: τ, the weight of the perturbation entropy in the λ-step objective.
+        tune_sigma: Learn the perturbation scale σ (with the entropy term) in the λ-steps.
+        hnet_input: What the hypernetwork sees: ``unconstrained`` (official CNN) or ``constrained`` values.
+        phi_optimizer: ``sgd`` or ``adam`` for the weights φ.
+        phi_lr: Learning rate of φ.
+        phi_momentum: SGD momentum of φ.
+        phi_weight_decay: Weight decay of φ.
+        hyper_lr: Adam learning rate of λ.
+        sigma_lr: Adam learning rate of σ's unconstrained scale.
+        grad_clip: Clip φ's gradient norm to this value (``None``: no clipping).
+        lr_milestones: Epochs at which φ's learning rate is multiplied by ``lr_gamma``.
+        lr_gamma: Factor of the learning-rate decay.
+        nan_policy: On a non-finite loss or hyperparameter: ``raise`` (stop with the step and the value) or
+            ``skip`` (skip that step with a warning and count it in ``skipped_steps``).
+        seed: Seed of the module's generator (perturbations, dropout masks, augmentation).
+    """
+
+    def __init__(
+        self,
+        hyperparameters: list[Hyperparameter] | None = None,
+        train_steps: int = 2,
+        hyper_steps: int = 1,
+        warmup_epochs: int = 0,
+        warmup_steps: int = 0,
+        entropy_weight: float = 1e-3,
+        tune_sigma: bool = True,
+        hnet_input: Literal["unconstrained", "constrained"] = "unconstrained",
+        phi_optimizer: Literal["sgd", "adam"] = "sgd",
+        phi_lr: float = 0.01,
+        phi_momentum: float = 0.9,
+        phi_weight_decay: float = 0.0,
+        hyper_lr: float = 3e-3,
+        sigma_lr: float = 3e-3,
+        grad_clip: float | None = None,
+        lr_milestones: list[int] | None = None,
+        lr_gamma: float = 0.1,
+        nan_policy: Literal["raise", "skip"] = "raise",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        if train_steps < 0 or hyper_steps < 1:
+            raise ValueError(f"need train_steps >= 0 and hyper_steps >= 1, got {train_steps}, {hyper_steps}")
+        if warmup_epochs < 0 or warmup_steps < 0:
+            raise ValueError(f"warm-up lengths must be >= 0, got {warmup_epochs} epochs, {warmup_steps} steps")
+        if train_steps == 0 and warmup_epochs == 0 and warmup_steps == 0:
+            raise ValueError("train_steps=0 freezes φ after warm-up, so it needs a warm-up (phase 1)")
+        for name, lr in (("phi_lr", phi_lr), ("hyper_lr", hyper_lr), ("sigma_lr", sigma_lr)):
+            if not lr > 0:
+                raise ValueError(f"{name} must be > 0, got {lr}")
+        if entropy_weight < 0:
+            raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}")
+        if phi_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"phi_optimizer must be 'sgd' or 'adam', got {phi_optimizer!r}")
+        if nan_policy not in ("raise", "skip"):
+            raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+        self.train_steps = train_steps
+        self.hyper_steps = hyper_steps
+        self.warmup_epochs = warmup_epochs
+        self.warmup_steps = warmup_steps
+        self.entropy_weight = entropy_weight
+        self.tune_sigma = tune_sigma
+        self.phi_optimizer = phi_optimizer
+        self.phi_lr = phi_lr
+        self.phi_momentum = phi_momentum
+        self.phi_weight_decay = phi_weight_decay
+        self.hyper_lr = hyper_lr
+        self.sigma_lr = sigma_lr
+        self.grad_clip = grad_clip
+        self.lr_milestones = list(lr_milestones or [])
+        self.lr_gamma = lr_gamma
+        self.nan_policy = nan_policy
+        self.seed = seed
+
+        entries = list(hyperparameters) if hyperparameters is not None else self.default_hyperparameters()
+        self.space = HyperparameterSpace(entries, hnet_input=hnet_input)
+        # own counters (Lightning's global_step counts every optimizer's step)
+        self.register_buffer("phi_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("warmup_phi_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("hyper_steps_done", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.schedule: list[dict[str, float]] = []
+        self._rng: torch.Generator | None = None
+        self._rng_state: Tensor | None = None
+        # λ and σ get their gradients by hand (see module docstring); DDP must not reduce them
+        self._ddp_params_and_buffers_to_ignore = ["space.unconstrained", "space.scale"]
+
+    # -- to be provided by subclasses -------------------------------------------------------------
+    def default_hyperparameters(self) -> list[Hyperparameter]:
+        """The hyperparameters tuned when none are given (model-specific)."""
+        raise ValueError(f"{type(self).__name__} has no default hyperparameters: pass `hyperparameters`")
+
+    def train_loss(self, batch: Any, lam: Tensor) -> Tensor:
+        """Training-set objective at per-example unconstrained hyperparameters ``lam`` (B, H), train mode."""
+        raise NotImplementedError
+
+    def hyper_loss(self, batch: Any, lam: Tensor) -> Tensor:
+        """Held-out objective at ``lam`` (B, H), eval mode; differentiable w.r.t. ``lam`` via the hypernet."""
+        raise NotImplementedError
+
+    def batch_size(self, batch: Any) -> int:
+        """Number of examples in a batch (first tensor's leading dimension by default)."""
+        first = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return int(first.shape[0])
+
+    def eval_metrics(self, batch: Any) -> dict[str, Tensor]:
+        """Metrics of Lightning's validation/test loops at the current, unperturbed hyperparameters."""
+        return {"loss": self.hyper_loss(batch, self.space.repeat(self.batch_size(batch)))}
+
+    def phi_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained in φ-steps: every parameter outside the hyperparameter space by default."""
+        hyper = {id(p) for p in self.space.parameters()}
+        return [p for p in self.parameters() if id(p) not in hyper and p.requires_grad]
+
+    def sample_train_lambda(self, batch_size: int) -> Tensor:
+        """Hyperparameters of a φ-step (detached): ``λ + σ ⊙ ε`` per example."""
+        with torch.no_grad():
+            return self.space.perturb(batch_size, generator=self.rng)
+
+    def sample_hyper_lambda(self, batch_size: int) -> Tensor:
+        """Hyperparameters of a λ-step: perturbed when σ is tuned, else λ repeated (both carry gradient)."""
+        if self.tune_sigma:
+            return self.space.perturb(batch_size, generator=self.rng)
+        return self.space.repeat(batch_size)
+
+    # -- generator ---------------------------------------------------------------------------------
+    @property
+    def rng(self) -> torch.Generator:
+        """The module's generator on its device; its state is saved in checkpoints."""
+        if self._rng is None or self._rng.device != self.device:
+            gen = torch.Generator(device=self.device)
+            if self._rng_state is not None:
+                gen.set_state(self._rng_state)
+                self._rng_state = None
+            else:
+                gen.manual_seed(self.seed)
+            self._rng = gen
+        return self._rng
+
+    # -- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            attach_hyper_stream(self.trainer)
+
+    def configure_optimizers(self) -> Any:
+        """Optimizers in a fixed order: [φ optimizer, hyper optimizer (groups: λ, σ)]; φ's LR schedule."""
+        phi = self.phi_parameters()
+        if not phi:
+            raise ValueError(f"{type(self).__name__} has no φ parameters to train")
+        if self.phi_optimizer == "sgd":
+            opt_phi: torch.optim.Optimizer = torch.optim.SGD(
+                phi, lr=self.phi_lr, momentum=self.phi_momentum, weight_decay=self.phi_weight_decay
+            )
+        else:
+            opt_phi = torch.optim.Adam(phi, lr=self.phi_lr, weight_decay=self.phi_weight_decay)
+        opt_hyper = torch.optim.Adam(
+            [
+                {"params": [self.space.unconstrained], "lr": self.hyper_lr},
+                {"params": [self.space.scale], "lr": self.sigma_lr},
+            ]
+        )
+        if self.lr_milestones:
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt_phi, milestones=self.lr_milestones, gamma=self.lr_gamma)
+            return [opt_phi, opt_hyper], [sched]
+        return [opt_phi, opt_hyper]
+
+    def in_warmup(self) -> bool:
+        """Whether λ is still held fixed (warm-up in epochs and/or φ-steps)."""
+        return self.current_epoch < self.warmup_epochs or int(self.phi_steps) < self.warmup_steps
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        train_batch, hyper_batch = split_streams(batch)
+        opt_phi, opt_hyper = self.optimizers()
+        warm = self.in_warmup()
+        if warm or self.train_steps > 0:
+            self._phi_step(train_batch, opt_phi, warm)
+        if warm:
+            return
+        if self.train_steps == 0:
+            owed = self.hyper_steps
+        else:
+            post = int(self.phi_steps) - int(self.warmup_phi_steps)
+            # λ-steps are never taken during warm-up, so every λ-step so far counts against post-warm-up φ-steps
+            owed = (post * self.hyper_steps) // self.train_steps - int(self.hyper_steps_done)
+        for _ in range(max(0, owed)):
+            self._hyper_step(hyper_batch, opt_hyper)
+
+    def _phi_step(self, batch: Any, opt: Any, warm: bool) -> None:
+        lam = self.sample_train_lambda(self.batch_size(batch))
+        loss = self.train_loss(batch, lam)
+        self.phi_steps += 1
+        if warm:
+            self.warmup_phi_steps += 1
+        if not self._finite_or_handle(loss, "training"):
+            return
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.grad_clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=lam.shape[0])
+
+    def _hyper_step(self, batch: Any, opt: Any) -> None:
+        was_training = self.training
+        self.eval()
+        try:
+            lam = self.sample_hyper_lambda(self.batch_size(batch))
+            loss = self.hyper_loss(batch, lam)
+            objective = loss - self.entropy_weight * self.space.entropy() if self.tune_sigma else loss
+        finally:
+            self.train(was_training)
+        self.hyper_steps_done += 1
+        if not self._finite_or_handle(loss, "hyper (validation)"):
+            return
+        params = [self.space.unconstrained, self.space.scale] if self.tune_sigma else [self.space.unconstrained]
+        grads = torch.autograd.grad(objective, params, allow_unused=True)
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        self._reduce_hyper_grads(params)
+        previous = [p.detach().clone() for p in params]
+        opt.step()
+        try:
+            self.space.check_finite(step=int(self.hyper_steps_done))
+        except FloatingPointError as err:
+            if self.nan_policy == "raise":
+                raise
+            rank_zero_warn(f"{err}; restoring the previous values (nan_policy='skip')")
+            with torch.no_grad():
+                for p, old in zip(params, previous):
+                    p.copy_(old)
+            self.skipped_steps += 1
+            return
+        self.log("hyper/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=lam.shape[0])
+        self._record_hyperparameters()
+
+    def _reduce_hyper_grads(self, params: Sequence[nn.Parameter]) -> None:
+        """Average λ/σ gradients over DDP ranks (they bypass DDP's reducer)."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                p.grad = self.trainer.strategy.reduce(p.grad, reduce_op="mean")
+
+    def _finite_or_handle(self, loss: Tensor, what: str) -> bool:
+        if torch.isfinite(loss).all():
+            return True
+        msg = (
+            f"non-finite {what} loss {loss.detach().cpu().tolist()} at φ-step {int(self.phi_steps)}, "
+            f"λ-step {int(self.hyper_steps_done)} (epoch {self.current_epoch}); hyperparameters: "
+            f"{self.hyperparameter_summary()}"
+        )
+        if self.nan_policy == "raise":
+            raise FloatingPointError(msg)
+        rank_zero_warn(msg + " — step skipped (nan_policy='skip')")
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True)
+        return False
+
+    # -- logging and the schedule --------------------------------------------------------------------
+    def _record_hyperparameters(self) -> None:
+        values, sigmas = self.space.values(), self.space.sigmas()
+        row: dict[str, float] = {
+            "hyper_step": float(self.hyper_steps_done),
+            "phi_step": float(self.phi_steps),
+            "epoch": float(self.current_epoch),
+        }
+        logged: dict[str, float] = {}
+        for name in self.space.names:
+            v, s = values[name], sigmas[name]
+            if isinstance(v, Tensor):
+                row[f"{name}_mean"] = logged[f"hparam/{name}_mean"] = v.mean().item()
+                row[f"{name}_min"], row[f"{name}_max"] = v.min().item(), v.max().item()
+                row[f"sigma_{name}_mean"] = logged[f"sigma/{name}_mean"] = s.mean().item()  # type: ignore[union-attr]
+            else:
+                row[name] = logged[f"hparam/{name}"] = v
+                row[f"sigma_{name}"] = logged[f"sigma/{name}"] = float(s)  # type: ignore[arg-type]
+        self.schedule.append(row)
+        self.log_dict(logged, on_step=True, on_epoch=False)
+
+    def hyperparameter_summary(self) -> str:
+        """Current constrained values (and σ) as one line of text."""
+        parts = []
+        values, sigmas = self.space.values(), self.space.sigmas()
+        for name in self.space.names:
+            v = values[name]
+            if isinstance(v, Tensor):
+                parts.append(f"{name}=mean {v.mean().item():.4g} [{v.min().item():.4g}, {v.max().item():.4g}]")
+            else:
+                parts.append(f"{name}={v:.4g} (σ={float(sigmas[name]):.3g})")  # type: ignore[arg-type]
+        return ", ".join(parts)
+
+    def write_schedule_csv(self, path: str | Path) -> Path:
+        """Write the hyperparameter schedule (one row per λ-step) to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields: list[str] = []
+        for row in self.schedule:
+            fields += [k for k in row if k not in fields]
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields or ["hyper_step"])
+            writer.writeheader()
+            writer.writerows(self.schedule)
+        return path
+
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+                sched.step()
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+            if self.schedule and log_dir:
+                path = self.write_schedule_csv(Path(log_dir) / "hparam_schedule.csv")
+                rank_zero_info(f"hyperparameter schedule written to {path}")
+            print(f"Tuned hyperparameters: {self.hyperparameter_summary()}")
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        metrics = self.eval_metrics(batch)
+        self.log_dict(
+            {f"val/{k}": v for k, v in metrics.items()},
+            prog_bar=True,
+            on_epoch=True,
+            batch_size=self.batch_size(batch),
+        )
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        metrics = self.eval_metrics(batch)
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, on_epoch=True, batch_size=self.batch_size(batch))
+
+    # -- checkpoint -------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyperlit"] = {
+            "module": type(self).__qualname__,
+            "hyperparameter_names": self.space.names,
+            "rng_state": self.rng.get_state(),
+            "schedule": list(self.schedule),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from hyperlit.checkpoint import CheckpointMismatchError
+
+        state = checkpoint.get("hyperlit")
+        if state is None:
+            raise CheckpointMismatchError(
+                f"checkpoint was not written by a hyperlit tuning module; {type(self).__name__} cannot resume from it"
+            )
+        if state.get("module") != type(self).__qualname__:
+            raise CheckpointMismatchError(
+                f"checkpoint was written by {state.get('module')}, not {type(self).__qualname__}"
+            )
+        if list(state["hyperparameter_names"]) != self.space.names:
+            raise CheckpointMismatchError(
+                f"checkpoint tunes {state['hyperparameter_names']}, this model tunes {self.space.names}"
+            )
+        self._rng_state = state["rng_state"]
+        self._rng = None
+        self.schedule = list(state["schedule"])

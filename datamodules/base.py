@@ -18,12 +18,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
     "DataFormatError",
     "DatasetNotFoundError",
     "HyperlitDataModule",
+    "SeededRandomSampler",
     "default_data_dir",
     "download_url",
     "seeded_split_indices",
@@ -104,6 +105,29 @@ def seeded_split_indices(n: int, fractions: Sequence[float], seed: int) -> list[
     return list(torch.split(perm, sizes))
 
 
+class SeededRandomSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint sees exactly the
+    batches an uninterrupted run would have seen (a plain ``RandomSampler`` draws from the global RNG instead).
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class HyperlitDataModule(pl.LightningDataModule):
     """Base class: data location, download flag and loader settings shared by all DataModules.
 
@@ -145,10 +169,11 @@ class HyperlitDataModule(pl.LightningDataModule):
     def _loader(
         self, dataset: Dataset[Any], shuffle: bool, batch_size: int | None = None, drop_last: bool = False
     ) -> DataLoader[Any]:
+        sampler = SeededRandomSampler(len(dataset), seed=self.split_seed) if shuffle else None  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=batch_size or (self.batch_size if shuffle else self.eval_batch_size),
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -1,0 +1,1 @@
+"""Lightning callbacks: plots of hyperparameter schedules, Pareto fronts and accuracy matrices (rank 0 only)."""

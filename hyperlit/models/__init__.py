@@ -1,0 +1,1 @@
+"""Target architectures of the papers (plain and STN variants)."""

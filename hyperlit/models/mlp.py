@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ class MLP(nn.Module):
             raise ValueError(f"layer sizes must be >= 1, got in={in_dim}, hidden={list(hidden)}, out={out_dim}")
         sizes = [in_dim, *hidden, out_dim]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(_ACTIVATIONS[activation]())

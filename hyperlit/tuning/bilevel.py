@@ -186,7 +186,8 @@ class BilevelModule(pl.LightningModule):
                 gen.set_state(self._rng_state)
                 self._rng_state = None
             else:
-                gen.manual_seed(self.seed)
+                # per-rank streams: under DDP every rank perturbs its own shard with its own ε
+                gen.manual_seed(self.seed + 1_000_003 * self.global_rank)
             self._rng = gen
         return self._rng
 
@@ -363,8 +364,8 @@ class BilevelModule(pl.LightningModule):
                 sched.step()
 
     def on_train_end(self) -> None:
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: call on every rank
         if self.trainer.is_global_zero:
-            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
             if self.schedule and log_dir:
                 path = self.write_schedule_csv(Path(log_dir) / "hparam_schedule.csv")
                 rank_zero_info(f"hyperparameter schedule written to {path}")

@@ -108,6 +108,15 @@ class Hyperparameter:
             raise ValueError(f"{where}: transform 'identity' needs an unbounded range, got ({self.low}, {self.high})")
 
 
+# plain data: let ``torch.load(weights_only=True)`` (Lightning's resume) read checkpoints whose saved init
+# arguments (``save_hyperparameters``) contain Hyperparameter entries
+torch.serialization.add_safe_globals([Hyperparameter])
+
+
+# checkpoints store the Hyperparameter list in `hyper_parameters`; let `torch.load(weights_only=True)` read it
+torch.serialization.add_safe_globals([Hyperparameter])
+
+
 class HyperparameterSpace(nn.Module):
     """Named hyperparameters with learnable unconstrained values λ and perturbation scales σ.
 

@@ -65,6 +65,7 @@ def _fit(tmp_path, devices: int, strategy: str) -> dict[int, dict[str, list[floa
         devices=devices,
         strategy=strategy,
         use_distributed_sampler=False,
+        default_root_dir=tmp_path,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -22,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader
 
-__all__ = ["attach_hyper_stream", "split_streams"]
+__all__ = ["attach_hyper_stream", "detach_hyper_stream", "split_streams"]
 
 
 def attach_hyper_stream(trainer: pl.Trainer) -> None:
@@ -43,8 +43,19 @@ def attach_hyper_stream(trainer: pl.Trainer) -> None:
             return train
         return CombinedLoader({"train": train, "hyper": hyper()}, mode="max_size_cycle")
 
+    dm._hyperlit_original_train_dataloader = original
     dm.train_dataloader = combined  # type: ignore[method-assign]
     dm._hyperlit_streams_attached = True
+
+
+def detach_hyper_stream(trainer: pl.Trainer) -> None:
+    """Undo :func:`attach_hyper_stream` (call from ``teardown``), so the DataModule can serve other modules."""
+    dm = trainer.datamodule
+    if dm is None or not getattr(dm, "_hyperlit_streams_attached", False):
+        return
+    if "train_dataloader" in vars(dm):
+        del dm.train_dataloader  # the instance attribute; the class's method shows through again
+    dm._hyperlit_streams_attached = False
 
 
 def split_streams(batch: Any) -> tuple[Any, Any]:

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from hyperlit.hparams import Hyperparameter, HyperparameterSpace
-from hyperlit.streams import attach_hyper_stream, split_streams
+from hyperlit.streams import attach_hyper_stream, detach_hyper_stream, split_streams
 
 __all__ = ["BilevelModule"]
 
@@ -195,6 +195,10 @@ class BilevelModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
             attach_hyper_stream(self.trainer)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            detach_hyper_stream(self.trainer)
 
     def configure_optimizers(self) -> Any:
         """Optimizers in a fixed order: [φ optimizer, hyper optimizer (groups: λ, σ)]; φ's LR schedule."""
@@ -364,9 +368,9 @@ class BilevelModule(pl.LightningModule):
                 sched.step()
 
     def on_train_end(self) -> None:
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: call on every rank
+        log_dir = self.trainer.log_dir  # a collective: call on every rank; None without a logger
         if self.trainer.is_global_zero:
-            if self.schedule and log_dir:
+            if self.schedule and log_dir and self.trainer.logger is not None:
                 path = self.write_schedule_csv(Path(log_dir) / "hparam_schedule.csv")
                 rank_zero_info(f"hyperparameter schedule written to {path}")
             print(f"Tuned hyperparameters: {self.hyperparameter_summary()}")

@@ -155,3 +155,21 @@ def test_resume_equals_uninterrupted(tmp_path) -> None:
     for a, b in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert len(resumed.schedule) == len(full.schedule)
+
+
+def test_user_datamodule_with_train_and_val_only(tmp_path) -> None:
+    """A DataModule without hyper_dataloader(): its val_dataloader() serves the λ-steps; detached afterwards."""
+    loaders = _loaders()
+
+    class TrainValOnly(pl.LightningDataModule):
+        def train_dataloader(self):
+            return loaders["train"]
+
+        def val_dataloader(self):
+            return loaders["hyper"]
+
+    dm = TrainValOnly()
+    model = LinearBestResponse(warmup_steps=2, hyper_lr=0.05)
+    _trainer(tmp_path).fit(model, datamodule=dm)
+    assert int(model.hyper_steps_done) == 3
+    assert isinstance(next(iter(dm.train_dataloader())), list)  # the DataModule serves plain batches again

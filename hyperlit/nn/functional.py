@@ -40,14 +40,34 @@ def batched_call(
         chunk_size: Passed to ``vmap`` to bound memory.
 
     Returns:
-        (K, …) outputs.
+        (K, …) outputs (a tuple of such for targets returning tuples, e.g. ``nn.LSTM``). Targets whose kernels
+        have no ``vmap`` batching rule (``nn.LSTM``) fall back to K sequential calls with the same result.
     """
 
     def one(w: dict[str, Tensor], inp: Tensor) -> Tensor:
         return functional_call(target, w, (inp,), strict=False)
 
     in_dims = (0, None if shared_input else 0)
-    return torch.func.vmap(one, in_dims=in_dims, chunk_size=chunk_size)(dict(weights), x)
+    try:
+        return torch.func.vmap(one, in_dims=in_dims, chunk_size=chunk_size)(dict(weights), x)
+    except RuntimeError as err:
+        # Some fused kernels (e.g. ``nn.LSTM``'s ``aten::lstm``) have no vmap batching rule: run the K weight
+        # sets one after another instead (same result, K calls) rather than failing.
+        if "Batching rule not implemented" not in str(err):
+            raise
+    k = next(iter(weights.values())).shape[0]
+    outs = [one({n: w[i] for n, w in weights.items()}, x if shared_input else x[i]) for i in range(k)]
+    return _stack(outs)
+
+
+def _stack(outs: list[Any]) -> Any:
+    """Stack a list of equally structured outputs (tensors, tuples/lists of them) along a new dim 0."""
+    first = outs[0]
+    if isinstance(first, Tensor):
+        return torch.stack(outs)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack([o[j] for o in outs]) for j in range(len(first)))
+    raise TypeError(f"cannot stack target outputs of type {type(first).__name__}")
 
 
 def materialize(target: nn.Module, weights: Mapping[str, Tensor]) -> nn.Module:

@@ -1,0 +1,151 @@
+"""Cost of Self-Tuning Networks on CPU: STN CNN training step vs the same plain CNN, and vectorized per-example
+augmentation vs a per-image torchvision loop (the official code's approach).
+
+    python examples/benchmarks/stn_overhead.py            # paper-sized AlexNet, batch 128
+    python examples/benchmarks/stn_overhead.py --quick    # < 2 minutes
+
+The two sides of each ratio are timed alternately in the same loop (so machine load affects both equally); the
+median over iterations is reported.
+
+* Training step = forward + cross-entropy + backward + SGD step. Plain: ``AlexNetCNN`` with ``nn.Dropout2d`` /
+  ``nn.Dropout`` at fixed rates. STN: ``StnAlexNet`` with per-example hypernet input (15 hyperparameters, perturbed)
+  and per-example dropout rates; no augmentation on either side.
+* Evaluation forward (no grad) at one λ for the whole batch: the STN layers fold ``W + diag(Vλ̃) W_h`` once.
+* Augmentation = per-example colour jitter (brightness, contrast, saturation, hue) + cutout. Loop: one
+  ``torchvision.transforms.ColorJitter`` built per image with that image's strengths, then the official cutout
+  (numpy mask), as in the official ``CustomCIFAR10.__getitem__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision import transforms
+
+from hyperlit.hparams import HyperparameterSpace
+from hyperlit.models.stn_cnn import AlexNetCNN, StnAlexNet, alexnet_hyperparameters
+from hyperlit.nn.augment import color_jitter, cutout
+
+
+def _official_cutout(img: torch.Tensor, holes: int, length: int, rng: np.random.Generator) -> torch.Tensor:
+    h, w = img.shape[1:]
+    mask = np.ones((h, w), np.float32)
+    for _ in range(holes):
+        y, x = rng.integers(h), rng.integers(w)
+        y1, y2 = int(np.clip(y - length / 2, 0, h)), int(np.clip(y + length / 2, 0, h))
+        x1, x2 = int(np.clip(x - length / 2, 0, w)), int(np.clip(x + length / 2, 0, w))
+        mask[y1:y2, x1:x2] = 0.0
+    return img * torch.from_numpy(mask)
+
+
+def bench_step(batch: int, iters: int, width: float) -> tuple[float, float]:
+    torch.manual_seed(0)
+    plain = AlexNetCNN(width=width).train()
+    stn = StnAlexNet(width=width).train()
+    space = HyperparameterSpace(alexnet_hyperparameters())
+    names = space.names
+    opt_p = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
+    opt_s = torch.optim.SGD(stn.parameters(), lr=1e-3, momentum=0.9)
+    x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    gen = torch.Generator().manual_seed(0)
+    hp_conv = [n for n in names if n.startswith(("dropout", "fcdropout"))]
+
+    def plain_step() -> None:
+        opt_p.zero_grad(set_to_none=True)
+        F.cross_entropy(plain(x), y).backward()
+        opt_p.step()
+
+    def stn_step() -> None:
+        with torch.no_grad():
+            lam = space.perturb(batch, generator=gen)
+            values = space.constrained(lam)
+        hp = {n: space.get(values, n) for n in hp_conv}  # the dropouts (augmentation is timed separately)
+        opt_s.zero_grad(set_to_none=True)
+        F.cross_entropy(stn(x, lam, hp, generator=gen), y).backward()
+        opt_s.step()
+
+    t_plain, t_stn = [], []
+    for i in range(iters + 2):
+        for fn, store in ((plain_step, t_plain), (stn_step, t_stn)):
+            t0 = time.perf_counter()
+            fn()
+            if i >= 2:  # warm-up iterations
+                store.append(time.perf_counter() - t0)
+    return statistics.median(t_plain), statistics.median(t_stn)
+
+
+def bench_eval(batch: int, iters: int, width: float) -> tuple[float, float]:
+    """Evaluation forward pass (no grad, eval mode) at one λ for the batch: STN layers fold W + diag(Vλ̃) W_h."""
+    torch.manual_seed(0)
+    plain, stn = AlexNetCNN(width=width).eval(), StnAlexNet(width=width).eval()
+    space = HyperparameterSpace(alexnet_hyperparameters())
+    x = torch.rand(batch, 3, 32, 32)
+    hnet = space.repeat(batch).detach()
+    t_plain, t_stn = [], []
+    with torch.no_grad():
+        for i in range(iters + 1):
+            for fn, store in ((lambda: plain(x), t_plain), (lambda: stn(x, hnet), t_stn)):
+                t0 = time.perf_counter()
+                fn()
+                if i >= 1:
+                    store.append(time.perf_counter() - t0)
+    return statistics.median(t_plain), statistics.median(t_stn)
+
+
+def bench_augment(batch: int, iters: int) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, 32, 32)
+    strengths = torch.rand(batch, 4, generator=g) * torch.tensor([1.0, 1.0, 1.0, 0.5])
+    length = torch.randint(0, 24, (batch,), generator=g).float()
+    holes = torch.randint(0, 4, (batch,), generator=g).float()
+    rng = np.random.default_rng(0)
+
+    def loop() -> torch.Tensor:
+        out = []
+        for b in range(batch):
+            bri, con, sat, hue = strengths[b].tolist()
+            jitter = transforms.ColorJitter(bri, con, sat, hue)
+            out.append(_official_cutout(jitter(x[b]), int(holes[b]), int(length[b]), rng))
+        return torch.stack(out)
+
+    def vectorized() -> torch.Tensor:
+        s = strengths
+        out = color_jitter(x, s[:, 0], s[:, 1], s[:, 2], s[:, 3], generator=g)
+        return cutout(out, length, holes, generator=g)
+
+    t_loop, t_vec = [], []
+    for i in range(iters + 1):
+        for fn, store in ((loop, t_loop), (vectorized, t_vec)):
+            t0 = time.perf_counter()
+            fn()
+            if i >= 1:
+                store.append(time.perf_counter() - t0)
+    return statistics.median(t_loop), statistics.median(t_vec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (< 2 minutes)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier of the AlexNet (1.0 = paper)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    step_iters, aug_iters = (5, 5) if args.quick else (20, 20)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, width {args.width}")
+    tp, ts = bench_step(args.batch, step_iters, args.width)
+    print(f"training step  plain CNN {tp * 1e3:8.1f} ms   STN CNN {ts * 1e3:8.1f} ms   ratio STN/plain {ts / tp:.2f}x")
+    ep, es = bench_eval(args.batch, aug_iters, args.width)
+    print(f"eval forward   plain CNN {ep * 1e3:8.1f} ms   STN CNN {es * 1e3:8.1f} ms   ratio STN/plain {es / ep:.2f}x")
+    tl, tv = bench_augment(args.batch, aug_iters)
+    print(f"augmentation   per-image loop {tl * 1e3:8.1f} ms   vectorized {tv * 1e3:8.1f} ms   speed-up {tl / tv:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

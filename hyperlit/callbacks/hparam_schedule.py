@@ -1,0 +1,118 @@
+"""Save and plot the hyperparameter schedule of a tuning run (STN Fig. 4-style trajectories).
+
+:class:`~hyperlit.tuning.bilevel.BilevelModule` records one row per λ-step in ``pl_module.schedule`` (constrained
+value and σ of every hyperparameter, plus the step counters). This callback
+
+* draws the trajectories into TensorBoard (``add_figure``) after every ``every_n_epochs`` validation epochs and at
+  the end of training when the logger supports figures, and
+* at the end of training writes ``<log_dir>/<filename>.csv`` and ``<log_dir>/<filename>.png`` (any logger, including
+  ``CSVLogger``, which has no image API).
+
+Only rank 0 draws and writes; matplotlib is imported lazily with the object API (no pyplot state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["HyperparameterSchedule", "plot_schedule", "schedule_columns"]
+
+_META = {"hyper_step", "phi_step", "epoch"}
+
+
+def schedule_columns(rows: Sequence[dict[str, float]]) -> list[str]:
+    """Hyperparameter value columns of a schedule (σ and counter columns excluded), in first-seen order."""
+    cols: list[str] = []
+    for row in rows:
+        cols += [k for k in row if k not in cols and k not in _META and not k.startswith("sigma_")]
+    return [c for c in cols if not c.endswith(("_min", "_max"))]
+
+
+def plot_schedule(rows: Sequence[dict[str, float]], path: str | Path | None = None) -> Any:
+    """One panel per hyperparameter: constrained value against the λ-step (σ of the last step in the title).
+
+    Returns the ``matplotlib.figure.Figure``; saves it as PNG when ``path`` is given.
+    """
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("the schedule is empty: no λ-step has been taken yet")
+    cols = schedule_columns(rows)
+    ncol = min(4, len(cols))
+    nrow = math.ceil(len(cols) / ncol)
+    fig = Figure(figsize=(3.2 * ncol, 2.4 * nrow), layout="constrained")
+    steps = [row.get("hyper_step", i) for i, row in enumerate(rows)]
+    for k, col in enumerate(cols):
+        ax = fig.add_subplot(nrow, ncol, k + 1)
+        ax.plot(steps, [row.get(col, math.nan) for row in rows], lw=1.2)
+        base = col.removesuffix("_mean")
+        sigma = rows[-1].get(f"sigma_{base}", rows[-1].get(f"sigma_{base}_mean"))
+        ax.set_title(base + (f"  (σ={sigma:.3g})" if sigma is not None else ""), fontsize=9)
+        ax.set_xlabel("λ-step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+class HyperparameterSchedule(Callback):
+    """Write the λ-schedule as CSV + PNG at the end of training and plot it into TensorBoard during training.
+
+    Args:
+        filename: Base name of the CSV and PNG files in the logger's directory.
+        every_n_epochs: Draw into TensorBoard every this many validation epochs (0: never).
+    """
+
+    def __init__(self, filename: str = "hparam_schedule", every_n_epochs: int = 10) -> None:
+        if every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be >= 0, got {every_n_epochs}")
+        self.filename = filename
+        self.every_n_epochs = every_n_epochs
+        self.csv_path: Path | None = None
+        self.png_path: Path | None = None
+
+    @staticmethod
+    def _rows(pl_module: pl.LightningModule) -> list[dict[str, float]]:
+        return list(getattr(pl_module, "schedule", []) or [])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.every_n_epochs == 0:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        rows = self._rows(pl_module)
+        experiment = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
+        if not rows or not hasattr(experiment, "add_figure"):
+            return
+        try:
+            fig = plot_schedule(rows)
+        except ImportError:  # matplotlib is optional
+            return
+        experiment.add_figure("hparam_schedule", fig, global_step=trainer.current_epoch)  # type: ignore[union-attr]
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        rows = self._rows(pl_module)
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        if not rows or not log_dir:
+            return
+        base = Path(log_dir) / self.filename
+        writer = getattr(pl_module, "write_schedule_csv", None)
+        if writer is not None:
+            self.csv_path = writer(base.with_suffix(".csv"))
+        try:
+            fig = plot_schedule(rows, base.with_suffix(".png"))
+        except ImportError:  # matplotlib is optional
+            return
+        self.png_path = base.with_suffix(".png")
+        experiment = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
+        if hasattr(experiment, "add_figure"):
+            experiment.add_figure("hparam_schedule", fig, global_step=trainer.current_epoch)  # type: ignore[union-attr]

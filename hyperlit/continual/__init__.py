@@ -1,0 +1,13 @@
+"""Continual learning with task-conditioned hypernetworks (von Oswald et al., ICLR 2020) and baselines.
+
+* :class:`HyperContinualModule` — hypernetwork + output regularizer (full or chunked hypernetwork).
+* :class:`EWCContinualModule` — (online) EWC on a plain multi-head MLP, in the same harness.
+* :mod:`hyperlit.continual.regularizer`, :mod:`hyperlit.continual.metrics`, :mod:`hyperlit.continual.ewc` —
+  the Lightning-free math.
+"""
+
+from hyperlit.continual.base import ContinualModule
+from hyperlit.continual.baselines import EWCContinualModule, hypernetwork_fine_tuning
+from hyperlit.continual.module import HyperContinualModule
+
+__all__ = ["ContinualModule", "EWCContinualModule", "HyperContinualModule", "hypernetwork_fine_tuning"]

@@ -1,0 +1,275 @@
+"""Task schedule, evaluation and bookkeeping shared by every continual learner (hypernetwork and baselines).
+
+**How a task sequence runs under Lightning: one ``fit`` with a task schedule.** The DataModule
+(:mod:`datamodules.task_sequence`) serves task ``e // epochs_per_task`` in epoch e and tags every batch with its
+task id. The module switches task at the first batch of a new task — that is where a subclass takes its
+snapshot (θ*, stored targets, EWC anchor) in :meth:`ContinualModule.on_task_start` — and resets the optimizer
+state (fresh Adam moments per task, as the official code rebuilds its optimizers). Lightning's end-of-epoch
+validation then evaluates every task seen so far, which fills row i of the accuracy matrix R[i, j] after the last
+epoch of task i. Tasks must arrive in order 0, 1, 2, …; a skipped or repeated-earlier task, or an id outside
+``0 .. num_tasks − 1``, raises.
+
+All state that results depend on is checkpointed (persistent buffers: current task, step counters, accuracy
+matrices, targets; ``on_save_checkpoint``: generator states), and the DataModule stores its position inside the
+epoch, so ``fit(ckpt_path=...)`` from a checkpoint taken in the middle of any task continues exactly like an
+uninterrupted run. Training stops by itself after the last task (``trainer.should_stop``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hyperlit.continual.metrics import entropy_task_inference, summarize
+
+__all__ = ["ContinualModule"]
+
+TaskType = Literal["classification", "regression"]
+
+
+class ContinualModule(pl.LightningModule):
+    """Base class: task switching, counters, accuracy matrix, task inference, checkpointed state.
+
+    Subclasses implement :meth:`task_outputs`, :meth:`train_on_batch` and (optionally) :meth:`on_task_start`.
+
+    Args:
+        num_tasks: Number of tasks of the sequence (sizes the accuracy matrix and per-task parameters).
+        task_type: ``classification`` (cross-entropy, accuracy) or ``regression`` (MSE; R holds MSE).
+        infer_task: Also evaluate with the task inferred by minimum predictive entropy over all seen tasks
+            (classification only).
+    """
+
+    def __init__(self, num_tasks: int, task_type: TaskType = "classification", infer_task: bool = True) -> None:
+        super().__init__()
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        if task_type not in ("classification", "regression"):
+            raise ValueError(f"task_type must be 'classification' or 'regression', got {task_type!r}")
+        self.automatic_optimization = False
+        self.num_tasks = num_tasks
+        self.task_type = task_type
+        self.infer_task = infer_task and task_type == "classification"
+        nan = torch.full((num_tasks, num_tasks), math.nan)
+        self.register_buffer("current_task", torch.tensor(-1, dtype=torch.long))
+        self.register_buffer("step_in_task", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("total_steps", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("acc_matrix", nan.clone())  # R[i, j], task id given
+        self.register_buffer("inferred_acc_matrix", nan.clone())  # task id inferred by entropy
+        self.register_buffer("task_inference_matrix", nan.clone())  # fraction of task j assigned to j
+        self.register_buffer("test_scores", torch.full((3, num_tasks), math.nan))  # given, inferred, inference
+        self._task: int | None = None  # Python mirror of current_task (no device sync per step)
+        self._eval_stats: Tensor | None = None
+
+    # -- to implement ----------------------------------------------------------------------------------
+    def task_outputs(self, x: Tensor, tasks: Tensor) -> Tensor:
+        """Outputs (K, B, C) of the network conditioned on each of the K task ids ``tasks`` for inputs x."""
+        raise NotImplementedError
+
+    def train_on_batch(self, x: Tensor, y: Tensor, task: int) -> dict[str, Tensor]:
+        """One optimization step on a batch of ``task``; returns the values to log (``loss`` first)."""
+        raise NotImplementedError
+
+    def on_task_start(self, task: int) -> None:
+        """Called once before the first step of every task (snapshots of the previous state go here)."""
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    @property
+    def higher_is_better(self) -> bool:
+        return self.task_type == "classification"
+
+    @property
+    def task(self) -> int:
+        """The task being trained (−1 before the first)."""
+        if self._task is None:
+            self._task = int(self.current_task)
+        return self._task
+
+    def task_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy on the task's outputs, or MSE for regression."""
+        if self.task_type == "classification":
+            return F.cross_entropy(out, y)
+        return F.mse_loss(out, y.view_as(out))
+
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[Tensor, Tensor, int]:
+        if isinstance(batch, dict):
+            x, y, task = batch["x"], batch["y"], batch["task"]
+        else:
+            x, y, task = batch
+        if isinstance(task, Tensor):
+            if task.numel() > 1 and not bool((task == task.flatten()[0]).all()):
+                raise ValueError("a batch must hold examples of a single task")
+            task = int(task.flatten()[0])
+        return x, y, int(task)
+
+    def _check_task_id(self, task: int) -> None:
+        if not 0 <= task < self.num_tasks:
+            raise KeyError(f"unknown task id {task}; this module was built for tasks 0..{self.num_tasks - 1}")
+
+    def _reset_optimizer_state(self) -> None:
+        if self._trainer is None:
+            return
+        opts = self.optimizers()
+        for opt in opts if isinstance(opts, list) else [opts]:
+            opt.optimizer.state.clear()
+
+    def start_task(self, task: int) -> None:
+        """Switch to ``task`` (the next one in order); a no-op if it is already the current task."""
+        self._check_task_id(task)
+        current = self.task
+        if task == current:
+            return
+        if task != current + 1:
+            raise ValueError(
+                f"tasks must be trained in order 0, 1, 2, ...: got task {task} while the current task is {current}"
+            )
+        self.on_task_start(task)
+        self.current_task.fill_(task)
+        self.step_in_task.zero_()
+        self._task = task
+        self._reset_optimizer_state()
+
+    # -- Lightning hooks -----------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        n = getattr(dm, "num_tasks", None)
+        if n is not None and n != self.num_tasks:
+            raise ValueError(
+                f"the DataModule has num_tasks={n} but the module was built for num_tasks={self.num_tasks}"
+            )
+        kind = getattr(dm, "task_type", None)
+        if kind is not None and kind != self.task_type:
+            raise ValueError(f"the DataModule serves {kind} tasks but the module's task_type is {self.task_type!r}")
+        for ours, theirs in (("input_dim", "input_dim"), ("output_dim", "classes_per_task")):
+            a, b = self.hparams.get(ours), getattr(dm, theirs, None)
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"the module's {ours}={a} does not match the DataModule's {theirs}={b}")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y, task = self._unpack(batch)
+        self.start_task(task)
+        logs = self.train_on_batch(x, y, task)
+        loss = logs["loss"].detach()
+        self.step_in_task += 1
+        self.total_steps += 1
+        every = getattr(self._trainer, "log_every_n_steps", 50) if self._trainer is not None else 50
+        if batch_idx % max(every, 1) == 0:  # Lightning's per-call logging overhead is large next to a small step
+            logs = {f"train/{k}": v.detach() for k, v in logs.items()}
+            logs["train/task"] = torch.tensor(float(task))
+            self.log_dict(logs, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        epochs = getattr(dm, "num_schedule_epochs", None)
+        if epochs is not None and self.current_epoch + 1 >= epochs:
+            self.trainer.should_stop = True  # the task sequence is over
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def _eval_start(self) -> None:
+        self._eval_stats = torch.zeros(4, self.num_tasks, device=self.device, dtype=torch.float64)
+
+    @torch.no_grad()
+    def _eval_step(self, batch: Any, seen: int) -> None:
+        x, y, task = self._unpack(batch)
+        self._check_task_id(task)
+        if task >= seen or self._eval_stats is None:
+            return  # tasks not trained yet are not measured
+        if self.infer_task:  # every seen task's outputs at once: (K, B, C)
+            out = self.task_outputs(x, torch.arange(seen, device=x.device))
+            given = out[task]
+        else:
+            given = self.task_outputs(x, torch.tensor([task], device=x.device))[0]
+        stats = self._eval_stats[:, task]
+        stats[0] += len(y)
+        if self.task_type == "classification":
+            stats[1] += (given.argmax(-1) == y).sum()
+            if self.infer_task:
+                inferred, pred = entropy_task_inference(out)
+                stats[2] += (pred == y).sum()
+                stats[3] += (inferred == task).sum()
+        else:
+            err = (given - y.view_as(given)).pow(2)
+            stats[1] += err.mean(-1).sum() if err.dim() > 1 else err.sum()
+
+    def _eval_scores(self) -> Tensor:
+        assert self._eval_stats is not None
+        stats = self.trainer.strategy.reduce(self._eval_stats, reduce_op="sum") if self._trainer else self._eval_stats
+        count = stats[0]
+        scores = stats[1:] / count
+        scores[:, count == 0] = math.nan
+        return scores.float()  # (3, T): given, inferred, task inference
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, seen=self.task + 1)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self._eval_scores()
+        task = self.task
+        if self.trainer.sanity_checking or task < 0 or self.trainer.state.fn != "fit":
+            return  # rows of R are written only by the validation that follows training
+        self.acc_matrix[task] = scores[0]
+        if self.infer_task:
+            self.inferred_acc_matrix[task] = scores[1]
+            self.task_inference_matrix[task] = scores[2]
+        name = "acc" if self.task_type == "classification" else "mse"
+        logs = {f"val/{name}_task_{j}": scores[0, j] for j in range(task + 1)}
+        logs[f"val/{name}_mean_seen"] = scores[0, : task + 1].mean()
+        if self.infer_task:
+            logs["val/acc_inferred_mean_seen"] = scores[1, : task + 1].mean()
+            logs["val/task_inference_acc"] = scores[2, : task + 1].mean()
+        for k, v in summarize(self.acc_matrix, self.higher_is_better).items():
+            logs[f"cl/{k}"] = torch.tensor(v)
+        logs.update(self.extra_validation_metrics())
+        self.log_dict(logs)
+
+    def extra_validation_metrics(self) -> dict[str, Tensor]:
+        """Additional values logged after each validation (e.g. the hypernetwork's weight drift)."""
+        return {}
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, seen=self.task + 1)
+
+    def on_test_epoch_end(self) -> None:
+        scores = self._eval_scores()
+        self.test_scores.copy_(scores)
+        seen = self.task + 1
+        if seen < 1:
+            return
+        name = "acc" if self.task_type == "classification" else "mse"
+        logs = {f"test/{name}_task_{j}": scores[0, j] for j in range(seen)}
+        logs[f"test/{name}_mean"] = scores[0, :seen].mean()
+        if self.infer_task:
+            logs["test/acc_inferred_mean"] = scores[1, :seen].mean()
+            logs["test/task_inference_acc"] = scores[2, :seen].mean()
+        self.log_dict(logs)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Outputs (B, C) for the batch's task (task identity given)."""
+        x, _, task = self._unpack(batch)
+        self._check_task_id(task)
+        return self.task_outputs(x, torch.tensor([task], device=x.device))[0]
+
+    def cl_summary(self) -> dict[str, float]:
+        """During/final means, backward transfer and forgetting of the accuracy matrix (plus inference scores)."""
+        out = summarize(self.acc_matrix, self.higher_is_better)
+        if self.infer_task and out.get("num_tasks", 0) > 0:
+            n = int(out["num_tasks"])
+            out["final_mean_inferred"] = float(self.inferred_acc_matrix[n - 1, :n].mean())
+            out["task_inference_acc"] = float(self.task_inference_matrix[n - 1, :n].mean())
+        return out
+
+    # -- checkpointing ------------------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._task = None  # re-read from the restored buffer

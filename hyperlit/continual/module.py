@@ -1,0 +1,315 @@
+"""Continual learning with task-conditioned hypernetworks (von Oswald, Henning, Grewe, Sacramento, ICLR 2020).
+
+A hypernetwork h(e, θ) maps a learned task embedding e^(t) to the weights of a target MLP. Training task T
+minimizes (Eq. 2)
+
+    L = L_task(h(e^(T), θ)) + β · R(θ),   R = 1/|S| Σ_{t∈S} ‖h(e^(t), θ*) − h(e^(t), θ + Δθ)‖²
+
+with θ* the hypernetwork before task T, S all previous tasks or k of them drawn per step from a seeded generator
+(identical on every process), and Δθ an optional detached look-ahead (``none`` | ``sgd`` | ``adam``).
+See :mod:`hyperlit.continual.regularizer` for the vectorized regularizer and :mod:`hyperlit.continual.base` for
+how the task sequence runs inside one ``fit``.
+
+Optimizer (one ``torch.optim.Adam``, state cleared at every task start): param group 0 = θ (hypernetwork,
+including chunk embeddings; the look-ahead is taken on this group only), param group 1 = task-specific
+parameters (the task embeddings and, with ``heads="separate"``, the per-task output heads). Old embeddings get no
+gradient unless ``train_old_embeddings`` (paper default: frozen; hypnettorch's example lets them move).
+
+Heads (task identity given):
+
+* ``generated`` — the target has ``output_dim`` outputs; every task's generated weights include its own output
+  layer (hypnettorch's setup; per-task heads implicitly).
+* ``multihead`` — the target has ``num_tasks · output_dim`` outputs, all generated; task t reads its slice
+  (the official PermutedMNIST code; the regularizer covers all heads, as there).
+* ``separate`` — the output layer is an ordinary parameter (``num_tasks · output_dim`` outputs, task t's slice is
+  its head), not generated; only the hidden layers come from the hypernetwork.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from hyperlit.continual.base import ContinualModule, TaskType
+from hyperlit.continual.metrics import compression_ratio, weight_drift
+from hyperlit.continual.regularizer import (
+    Lookahead,
+    ParameterSnapshot,
+    compute_targets,
+    lookahead_delta,
+    online_targets_bytes,
+    regularization_loss,
+    sample_previous_tasks,
+    stored_targets_bytes,
+)
+from hyperlit.models.mlp import MLP
+from hyperlit.nn.functional import batched_call, call_with_weights
+from hyperlit.nn.hypernet import HyperNetwork
+
+__all__ = ["HyperContinualModule"]
+
+Heads = Literal["generated", "multihead", "separate"]
+
+
+class HyperContinualModule(ContinualModule):
+    """Task-conditioned hypernetwork with the output regularizer (full or chunked hypernetwork).
+
+    Args:
+        num_tasks: Number of tasks (one embedding each).
+        input_dim: Inputs of the target MLP (1,024 for PermutedMNIST padded to 32×32, 784 unpadded, 1 for the toy).
+        output_dim: Outputs per task (classes per task; 1 for regression).
+        hidden: Hidden layer sizes of the target MLP.
+        activation: Target MLP nonlinearity (``relu``, ``elu``, ``tanh``, ``sigmoid``).
+        heads: ``generated`` | ``multihead`` | ``separate`` (see the module docstring).
+        task_type: ``classification`` or ``regression``.
+        hnet_hidden: Hidden layers of the hypernetwork (official: [25, 25] PermutedMNIST, [10, 10] toy).
+        hnet_activation: Hypernetwork nonlinearity (``relu``, ``elu``, ``tanh``, ``sigmoid``, ``none``).
+        chunk_size: Generate the target weights in chunks of this size (chunked hypernetwork); ``None``: full.
+        chunk_emb_dim: Size of the chunk embeddings (shared by all tasks, part of θ).
+        emb_dim: Size of the task embeddings.
+        emb_init_std: Task embeddings are initialised N(0, emb_init_std²).
+        hnet_out_init_std: Std of the hypernetwork's output-layer weights (``None``: PyTorch's default init).
+        init_bias_from_target: Start the (full) hypernetwork's output bias at the target's default init.
+        beta: Regularization strength β (0 gives the fine-tuning baseline).
+        reg_num_tasks: Regularize k random previous tasks per step (``None``: all).
+        online_targets: Compute targets from a frozen θ* every step (memory |θ|) instead of storing them
+            (memory (T−1)·P); both are reported as ``cl/target_memory_bytes``.
+        lookahead: ``none`` (default; hypnettorch) | ``sgd`` | ``adam`` (the paper's, detached).
+        train_old_embeddings: Let the regularizer move earlier tasks' embeddings.
+        init_emb_from_previous: Start each new task embedding from the previous task's.
+        lr: Adam learning rate of θ.
+        emb_lr: Adam learning rate of the task-specific parameters (default ``lr``).
+        adam_betas: Adam's (β1, β2).
+        grad_clip: Clip the gradient norm to this value (``None``: no clipping).
+        infer_task: Also evaluate with the task inferred by minimum predictive entropy.
+        track_drift: Keep each task's generated weights at the end of its training (T·P floats) and log how far
+            they drift afterwards.
+        reg_seed: Seed of the generator that draws the regularized subset (same on every process).
+    """
+
+    def __init__(
+        self,
+        num_tasks: int = 5,
+        input_dim: int = 1024,
+        output_dim: int = 10,
+        hidden: tuple[int, ...] = (100, 100),
+        activation: str = "relu",
+        heads: Heads = "generated",
+        task_type: TaskType = "classification",
+        hnet_hidden: tuple[int, ...] = (100, 100),
+        hnet_activation: str = "relu",
+        chunk_size: int | None = None,
+        chunk_emb_dim: int = 8,
+        emb_dim: int = 8,
+        emb_init_std: float = 1.0,
+        hnet_out_init_std: float | None = None,
+        init_bias_from_target: bool = False,
+        beta: float = 0.01,
+        reg_num_tasks: int | None = None,
+        online_targets: bool = False,
+        lookahead: Lookahead = "none",
+        train_old_embeddings: bool = False,
+        init_emb_from_previous: bool = False,
+        lr: float = 1e-3,
+        emb_lr: float | None = None,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float | None = None,
+        infer_task: bool = True,
+        track_drift: bool = True,
+        reg_seed: int = 0,
+    ) -> None:
+        super().__init__(num_tasks=num_tasks, task_type=task_type, infer_task=infer_task)
+        self.save_hyperparameters()
+        if heads not in ("generated", "multihead", "separate"):
+            raise ValueError(f"heads must be 'generated', 'multihead' or 'separate', got {heads!r}")
+        if lookahead not in ("none", "sgd", "adam"):
+            raise ValueError(f"lookahead must be 'none', 'sgd' or 'adam', got {lookahead!r}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        if reg_num_tasks is not None and reg_num_tasks < 1:
+            raise ValueError(f"reg_num_tasks must be >= 1 or None (all previous tasks), got {reg_num_tasks}")
+        if emb_dim < 1:
+            raise ValueError(f"emb_dim must be >= 1, got {emb_dim}")
+        self.output_dim = output_dim
+        self.num_heads = 1 if heads == "generated" else num_tasks
+        self.target = MLP(input_dim, hidden, output_dim * self.num_heads, activation)
+        head_prefix = f"net.{len(self.target.net) - 1}"
+        self.head_names = [f"{head_prefix}.weight", f"{head_prefix}.bias"]
+        self.hnet = HyperNetwork(
+            self.target,
+            cond_dim=emb_dim,
+            hidden=hnet_hidden,
+            activation=hnet_activation,  # type: ignore[arg-type]
+            chunk_size=chunk_size,
+            chunk_emb_dim=chunk_emb_dim,
+            exclude=(head_prefix,) if heads == "separate" else (),
+            out_init_std=hnet_out_init_std,
+            init_bias_from_target=init_bias_from_target,
+        )
+        # generated tensors are not trained as ordinary parameters (and must not look unused to DDP)
+        for name, p in self.target.named_parameters():
+            p.requires_grad_(name not in self.hnet.shapes)
+        self.task_embeddings = nn.Parameter(torch.randn(num_tasks, emb_dim) * emb_init_std)
+        p_gen = self.hnet.num_target_params
+        self.register_buffer("reg_targets", torch.zeros(0, p_gen))  # stored targets, grows to (T−1, P)
+        self.theta_star = ParameterSnapshot(self.hnet) if online_targets else None
+        self.register_buffer("emb_star", torch.zeros(num_tasks, emb_dim))
+        self.register_buffer("weights_after_task", torch.zeros(num_tasks if track_drift else 0, p_gen))
+        self._reg_generator = torch.Generator().manual_seed(reg_seed)
+        big = ["reg_targets", "weights_after_task"]
+        if self.theta_star is not None:
+            big += [f"theta_star.{n}" for n, _ in self.theta_star.named_buffers()]
+        # identical on every process by construction: no need for DDP to broadcast them each step (issue 9)
+        self._ddp_params_and_buffers_to_ignore = big
+
+    # -- parameters ------------------------------------------------------------------------------------------
+    def task_specific_parameters(self) -> list[nn.Parameter]:
+        """Parameters owned by tasks: the embeddings and (``heads="separate"``) the output heads."""
+        heads = [p for n, p in self.target.named_parameters() if p.requires_grad]
+        return [self.task_embeddings, *heads]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """One Adam: group 0 = θ (hypernetwork), group 1 = task-specific parameters."""
+        hp = self.hparams
+        return torch.optim.Adam(
+            [
+                {"params": list(self.hnet.parameters()), "lr": hp.lr},
+                {"params": self.task_specific_parameters(), "lr": hp.emb_lr or hp.lr},
+            ],
+            betas=tuple(hp.adam_betas),
+        )
+
+    def num_task_specific_params(self) -> int:
+        return sum(p.numel() for p in self.task_specific_parameters())
+
+    def compression(self) -> dict[str, float]:
+        """Compression ratio with and without task embeddings (official counting: chunk embeddings in θ)."""
+        return compression_ratio(self.hnet.num_parameters(), self.task_embeddings.numel(), self.hnet.num_target_params)
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def generated_weights(self, tasks: Tensor) -> Tensor:
+        """Flat generated target weights (K, P) for task ids (K,)."""
+        return self.hnet.flat(self.task_embeddings[tasks])
+
+    def _select_head(self, out: Tensor, tasks: Tensor) -> Tensor:
+        """(K, B, H·C) outputs → (K, B, C) outputs of each row's task head."""
+        if self.num_heads == 1:
+            return out
+        k, b = out.shape[:2]
+        out = out.reshape(k, b, self.num_heads, self.output_dim)
+        return out[torch.arange(k, device=out.device), :, tasks]
+
+    def task_outputs(self, x: Tensor, tasks: Tensor) -> Tensor:
+        tasks = tasks.to(self.task_embeddings.device)
+        weights = self.hnet.unflatten(self.generated_weights(tasks))
+        return self._select_head(batched_call(self.target, weights, x), tasks)
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        """Outputs (B, C) of the target network with the weights generated for ``task``."""
+        self._check_task_id(task)
+        weights = self.hnet(self.task_embeddings[task])
+        out = call_with_weights(self.target, weights, x)
+        if self.num_heads == 1:
+            return out
+        return out.reshape(len(out), self.num_heads, self.output_dim)[:, task]
+
+    # -- task boundaries ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def on_task_start(self, task: int) -> None:
+        hp = self.hparams
+        if task > 0:
+            if hp.track_drift:
+                self.weights_after_task[task - 1] = compute_targets(self.hnet, self.task_embeddings[task - 1 : task])[0]
+            self.emb_star.copy_(self.task_embeddings)
+            if hp.beta > 0:
+                if self.theta_star is not None:
+                    self.theta_star.copy_from(self.hnet)
+                else:  # all previous tasks' targets h(e_j, θ*), one batched call (HNT get_current_targets)
+                    self.register_buffer("reg_targets", compute_targets(self.hnet, self.task_embeddings[:task]))
+            if hp.init_emb_from_previous:
+                self.task_embeddings[task] = self.task_embeddings[task - 1]
+
+    def target_memory_bytes(self) -> int:
+        """Memory that the regularization targets take now (stored targets or θ* + embeddings)."""
+        if self.theta_star is not None:
+            return online_targets_bytes(self.hnet, self.num_tasks, self.task_embeddings.shape[1])
+        return stored_targets_bytes(len(self.reg_targets), self.hnet.num_target_params)
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def regularizer(self, task: int, delta: list[Tensor] | None = None) -> Tensor:
+        """R(θ + Δθ) over the previous tasks drawn for this step (Eq. 2, one batched hypernetwork call)."""
+        hp = self.hparams
+        ids = sample_previous_tasks(task, hp.reg_num_tasks, self._reg_generator).to(self.task_embeddings.device)
+        emb = self.task_embeddings[ids]
+        if not hp.train_old_embeddings:
+            emb = emb.detach()
+        named_delta = None
+        if delta is not None:
+            named_delta = {n: d for (n, _), d in zip(self.hnet.named_parameters(), delta)}
+        if self.theta_star is not None:
+            return regularization_loss(
+                self.hnet,
+                emb,
+                theta_star=self.theta_star.as_dict(),
+                target_embeddings=self.emb_star[ids],
+                delta=named_delta,
+            )
+        if len(self.reg_targets) < task:
+            raise RuntimeError(f"stored targets cover {len(self.reg_targets)} tasks, need {task}")
+        return regularization_loss(self.hnet, emb, targets=self.reg_targets[ids], delta=named_delta)
+
+    def train_on_batch(self, x: Tensor, y: Tensor, task: int) -> dict[str, Tensor]:
+        hp = self.hparams
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss_task = self.task_loss(self(x, task), y)
+        logs = {"loss": loss_task, "loss_task": loss_task}
+        if hp.beta > 0 and task > 0:
+            if hp.lookahead == "none":
+                reg = self.regularizer(task)
+                self.manual_backward(loss_task + hp.beta * reg)
+            else:  # Δθ from the task gradient alone (detached), then the regularizer at θ + Δθ
+                self.manual_backward(loss_task)
+                delta = lookahead_delta(opt.optimizer, list(self.hnet.parameters()), hp.lookahead)
+                reg = self.regularizer(task, delta)
+                self.manual_backward(hp.beta * reg)
+            logs["reg"] = reg.detach()
+            logs["loss"] = loss_task.detach() + hp.beta * reg.detach()
+        else:
+            self.manual_backward(loss_task)
+        if hp.grad_clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        return logs
+
+    # -- metrics & checkpointing ---------------------------------------------------------------------------------
+    def weight_drift(self) -> Tensor:
+        """‖h(e_j) − h(e_j)|after task j‖₂ for the tasks finished so far (needs ``track_drift``)."""
+        done = max(self.task, 0)
+        if not self.hparams.track_drift or done == 0:
+            return torch.zeros(0)
+        with torch.no_grad():
+            now = compute_targets(self.hnet, self.task_embeddings[:done])
+        return weight_drift(now, self.weights_after_task[:done])
+
+    def extra_validation_metrics(self) -> dict[str, Tensor]:
+        logs = {k: torch.tensor(v) for k, v in self.compression().items()}
+        logs["cl/target_memory_bytes"] = torch.tensor(float(self.target_memory_bytes()))
+        drift = self.weight_drift()
+        for j, d in enumerate(drift):
+            logs[f"cl/drift_task_{j}"] = d
+        return logs
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["continual"] = {"reg_generator_state": self._reg_generator.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        stored = checkpoint.get("state_dict", {}).get("reg_targets")
+        if stored is not None:  # the stored-target buffer grows per task: give it the saved shape first
+            self.register_buffer("reg_targets", torch.zeros_like(stored, device=self.reg_targets.device))
+        state = checkpoint.get("continual", {}).get("reg_generator_state")
+        if state is not None:
+            self._reg_generator.set_state(state)

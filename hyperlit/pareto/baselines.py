@@ -1,0 +1,174 @@
+"""Per-ray baselines in the PHN harness: one target network per preference ray, trained with LS or EPO.
+
+This is the comparison of Navon et al. 2021 (Tables 1–2: "LS" and "EPO" train one model per ray). The R models
+are held as one (R, P) parameter and run with ``vmap``, so R = 1 reproduces a single per-ray run and R = 10
+trains the ten models side by side in one process (each model only sees its own ray and its own gradient: the
+losses of different rows never mix). Evaluation uses the same objectives, statistics, hypervolume and
+uniformity code as :class:`~hyperlit.pareto.module.ParetoHyperNetModule`, at the models' own rays.
+
+Optimizers (fixed order): ``[Adam(weights)]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from hyperlit.nn import materialize, target_shapes
+from hyperlit.pareto.metrics import evaluation_rays, validate_ray
+from hyperlit.pareto.module import ParetoModuleBase, _batch_inputs
+from hyperlit.pareto.solvers import objective_gradients
+
+__all__ = ["ParetoBaselineModule", "default_baseline_rays"]
+
+
+def default_baseline_rays(num_objectives: int, num_rays: int = 10) -> Tensor:
+    """``num_rays`` evenly spread strictly positive rays: circle rays for m = 2; for m = 3 and 10 rays the
+    interior Das–Dennis points with 6 partitions (exactly 10)."""
+    if num_objectives == 2:
+        return evaluation_rays(2, n=num_rays)
+    for p in range(num_objectives, 64):
+        rays = evaluation_rays(num_objectives, n_partitions=p)
+        if len(rays) >= num_rays:
+            if len(rays) != num_rays:
+                raise ValueError(
+                    f"no interior Das–Dennis grid has exactly {num_rays} rays for m={num_objectives}; pass rays"
+                )
+            return rays
+    raise ValueError(f"cannot build {num_rays} default rays for m={num_objectives}; pass rays")
+
+
+class ParetoBaselineModule(ParetoModuleBase):
+    """R independent target networks, network k trained at fixed ray r_k with LS or EPO.
+
+    Args:
+        objectives: As for :class:`~hyperlit.pareto.module.ParetoHyperNetModule`.
+        solver: ``ls`` or ``epo`` (EPO uses each model's gradients w.r.t. its own weights, as the EPO paper).
+        rays: The R preference rays (``None``: ``num_rays`` default rays, see :func:`default_baseline_rays`).
+        num_rays: Number of default rays when ``rays`` is not given.
+        epo_eps: EPO balance/dominance threshold.
+        target: Target module (``None``: an MLP ``in_dim → target_hidden → out_dim``).
+        in_dim: Input features of the default MLP (``None``: the DataModule's ``input_dim``).
+        target_hidden: Hidden sizes of the default MLP.
+        out_dim: Outputs of the default MLP.
+        lr: Adam learning rate (PHN's baselines: 1e-4).
+        weight_decay: Adam weight decay.
+        gradient_clip_val: Gradient-norm clipping (``None``: off).
+        ref_point: Hypervolume reference point (default all ones).
+        eval_metric: ``hard`` or ``relaxed`` evaluation losses.
+        seed: Seed of the R models' initialisations (model k uses ``seed + k``).
+    """
+
+    def __init__(
+        self,
+        objectives: tuple[str, ...] = ("bce", "fpr_gap", "fnr_gap"),
+        solver: Literal["ls", "epo"] = "ls",
+        rays: list[list[float]] | None = None,
+        num_rays: int = 10,
+        epo_eps: float = 1e-4,
+        target: nn.Module | None = None,
+        in_dim: int | None = None,
+        target_hidden: tuple[int, ...] = (60, 25),
+        out_dim: int = 1,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        gradient_clip_val: float | None = None,
+        ref_point: tuple[float, ...] | None = None,
+        eval_metric: Literal["hard", "relaxed"] = "hard",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["target"] if isinstance(target, nn.Module) else [])
+        m = len(tuple(objectives))
+        ray_t = (
+            torch.stack([validate_ray(r, m) for r in rays]) if rays is not None else default_baseline_rays(m, num_rays)
+        )
+        if (ray_t <= 0).any() and solver == "epo":
+            raise ValueError("EPO baselines need strictly positive rays (r_j ℓ_j is compared across objectives)")
+        self.register_buffer("_rays", ray_t, persistent=False)
+        self.weights: nn.Parameter | None = None
+        self._init_common(
+            objectives,
+            solver,
+            epo_eps,
+            target,
+            in_dim,
+            target_hidden,
+            out_dim,
+            lr,
+            weight_decay,
+            gradient_clip_val,
+            ref_point,
+            eval_metric,
+        )
+
+    @property
+    def num_models(self) -> int:
+        return len(self._rays)
+
+    @property
+    def front_rays(self) -> Tensor:
+        return self._rays
+
+    def _build_weights(self, target: nn.Module) -> None:
+        self.shapes = target_shapes(target)
+        self.names = list(self.shapes)
+        self.numels = [math.prod(s) for s in self.shapes.values()]
+        rows = []
+        for k in range(self.num_models):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(self.hparams["seed"]) + k)
+                model = copy.deepcopy(target)
+                for mod in model.modules():
+                    if mod is not model and hasattr(mod, "reset_parameters"):
+                        mod.reset_parameters()
+                params = dict(model.named_parameters())
+                rows.append(torch.cat([params[n].detach().reshape(-1) for n in self.names]))
+        self.weights = nn.Parameter(torch.stack(rows))
+
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        parts = torch.split(flat, self.numels, dim=-1)
+        return {n: p.reshape(flat.shape[0], *s) for n, p, s in zip(self.names, parts, self.shapes.values())}
+
+    def eval_weights(self) -> dict[str, Tensor]:
+        self._require_built()
+        assert self.weights is not None
+        return self._unflatten(self.weights)
+
+    def network(self, index: int) -> nn.Module:
+        """Model ``index`` (trained at ``front_rays[index]``) as a plain ``nn.Module``."""
+        self._require_built()
+        assert self.weights is not None and self.target is not None
+        if not 0 <= index < self.num_models:
+            raise IndexError(f"model index {index} outside [0, {self.num_models})")
+        weights = {n: w[index] for n, w in self.eval_weights().items()}
+        return materialize(self.target, weights).requires_grad_(True).eval()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        self._require_built()
+        assert self.weights is not None
+        return torch.optim.Adam([self.weights], lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+
+    def _epo_gradients(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.weights is not None
+        grads = objective_gradients(losses, [self.weights], separable=True)
+        return self.all_reduce_for_epo(losses, grads)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self._require_built()
+        x = _batch_inputs(batch)
+        outputs = self._outputs(self.eval_weights(), x)
+        losses = self.objective_set.losses(outputs, batch)  # (R, m)
+        out = self.solver(losses, self._rays, self._epo_gradients)
+        out.loss = out.loss * self.num_models  # a sum over models: each model gets exactly its own gradient
+        self._apply_step(out, losses, x.shape[0])
+        return out.loss.detach()
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """(R, B, …) predictions of all R models."""
+        with torch.no_grad():
+            return self.objective_set.predict(self._outputs(self.eval_weights(), _batch_inputs(batch)))

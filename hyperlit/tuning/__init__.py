@@ -1,0 +1,7 @@
+"""Hyperparameter optimization with best-response approximations (the alternating bilevel loop and its methods)."""
+
+from hyperlit.tuning.best_response import BestResponseModule
+from hyperlit.tuning.bilevel import BilevelModule
+from hyperlit.tuning.stn import SelfTuningModule
+
+__all__ = ["BestResponseModule", "BilevelModule", "SelfTuningModule"]

@@ -1,0 +1,209 @@
+"""HyperContinualModule: heads, task switching, targets, frozen embeddings, forgetting vs. no forgetting, chunking."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from datamodules.continual_mnist import PermutedMNISTDataModule
+from datamodules.regression1d import Regression1DDataModule
+from hyperlit.continual.module import HyperContinualModule
+from hyperlit.nn.functional import call_with_weights
+from tests.continual.conftest import make_trainer
+
+TOY = dict(
+    num_tasks=3,
+    input_dim=1,
+    output_dim=1,
+    hidden=(10, 10),
+    activation="sigmoid",
+    task_type="regression",
+    hnet_hidden=(10, 10),
+    hnet_activation="sigmoid",
+    emb_dim=2,
+    lr=1e-2,
+    infer_task=False,
+)
+
+
+def _toy_run(beta: float, steps: int, num_tasks: int = 3) -> HyperContinualModule:
+    pl.seed_everything(42)
+    dm = Regression1DDataModule(num_tasks=num_tasks, steps_per_task=steps, batch_size=32)
+    model = HyperContinualModule(**{**TOY, "beta": beta, "num_tasks": num_tasks})
+    make_trainer().fit(model, dm)
+    return model
+
+
+@pytest.mark.parametrize("heads", ["generated", "multihead", "separate"])
+def test_heads_and_batched_task_outputs(heads: str) -> None:
+    m = HyperContinualModule(num_tasks=3, input_dim=6, output_dim=4, hidden=(5,), heads=heads, hnet_hidden=(7,))
+    head_numel = 5 * 4 * m.num_heads + 4 * m.num_heads
+    total = sum(p.numel() for p in m.target.parameters())
+    assert m.hnet.num_target_params == (total - head_numel if heads == "separate" else total)
+    assert [p.requires_grad for p in m.target.parameters()] == [False, False] + [heads == "separate"] * 2
+    x = torch.randn(8, 6)
+    out = m.task_outputs(x, torch.arange(3))  # one vmapped call for all tasks
+    assert out.shape == (3, 8, 4)
+    for t in range(3):
+        torch.testing.assert_close(out[t], m(x, t), rtol=1e-5, atol=1e-6)
+    if heads != "generated":  # each task reads its own slice of the (generated or separate) output layer
+        weights = m.hnet(m.task_embeddings[1])
+        full = call_with_weights(m.target, weights, x).view(8, 3, 4)
+        torch.testing.assert_close(m(x, 1), full[:, 1])
+
+
+def test_unknown_and_out_of_order_tasks_raise() -> None:
+    m = HyperContinualModule(num_tasks=3, input_dim=4, output_dim=2, hidden=(5,), hnet_hidden=(6,))
+    with pytest.raises(KeyError, match="unknown task id 3"):
+        m(torch.randn(2, 4), 3)
+    with pytest.raises(KeyError, match="unknown task id -1"):
+        m.start_task(-1)
+    with pytest.raises(ValueError, match="in order"):
+        m.start_task(1)
+    m.start_task(0)
+    with pytest.raises(ValueError, match="in order"):
+        m.start_task(2)
+    with pytest.raises(ValueError, match="lookahead"):
+        HyperContinualModule(lookahead="rmsprop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reg_num_tasks"):
+        HyperContinualModule(reg_num_tasks=0)
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_task_boundary_snapshots_targets(online: bool) -> None:
+    m = HyperContinualModule(
+        num_tasks=4, input_dim=4, output_dim=2, hidden=(5,), hnet_hidden=(6,), chunk_size=7, online_targets=online
+    )
+    m.start_task(0)
+    m.start_task(1)
+    m.start_task(2)
+    assert torch.equal(m.emb_star, m.task_embeddings.detach())
+    before = m.generated_weights(torch.arange(2)).detach()
+    assert float(m.regularizer(2)) == pytest.approx(0.0, abs=1e-10)  # θ = θ*: no penalty
+    if not online:
+        assert m.reg_targets.shape == (2, m.hnet.num_target_params)
+        torch.testing.assert_close(m.reg_targets, before)
+    with torch.no_grad():
+        m.hnet.head.weight.add_(0.1)
+    expected = (m.generated_weights(torch.arange(2)) - before).pow(2).sum(1).mean()
+    torch.testing.assert_close(m.regularizer(2), expected)
+    # drift of task 0/1's generated weights since the end of their training
+    torch.testing.assert_close(m.weight_drift(), (m.generated_weights(torch.arange(2)) - before).norm(dim=1))
+
+
+def test_compression_ratio_counts_embeddings() -> None:
+    m = HyperContinualModule(
+        num_tasks=5, input_dim=784, output_dim=10, hidden=(100, 100), hnet_hidden=(25, 25), chunk_size=1000, emb_dim=8
+    )
+    c = m.compression()
+    n_hnet = sum(p.numel() for p in m.hnet.parameters())
+    assert c["compression_ratio"] == pytest.approx((n_hnet + 5 * 8) / 89610)
+    assert c["compression_ratio_no_emb"] == pytest.approx(n_hnet / 89610)
+    assert c["compression_ratio"] < 1
+
+
+def test_old_embeddings_frozen_and_fresh_optimizer_state_per_task() -> None:
+    pl.seed_everything(0)
+    dm = Regression1DDataModule(num_tasks=2, steps_per_task=15)
+    m = HyperContinualModule(**{**TOY, "num_tasks": 2, "beta": 0.01})
+    trainer = make_trainer()
+    trainer.fit(m, dm)
+    assert int(m.current_task) == 1 and int(m.step_in_task) == 15 and int(m.total_steps) == 30
+    torch.testing.assert_close(m.task_embeddings[0], m.emb_star[0], rtol=0, atol=0)  # untouched during task 1
+    assert not torch.equal(m.task_embeddings[1], m.emb_star[1])
+    opt = trainer.optimizers[0]
+    assert all(int(opt.state[p]["step"]) == 15 for p in m.hnet.parameters())  # Adam restarted at task 1
+    moving = HyperContinualModule(**{**TOY, "num_tasks": 2, "beta": 0.01, "train_old_embeddings": True})
+    make_trainer().fit(moving, Regression1DDataModule(num_tasks=2, steps_per_task=15))
+    assert not torch.equal(moving.task_embeddings[0], moving.emb_star[0])
+
+
+def test_toy_forgetting_without_regularizer_quick() -> None:
+    """Cheap variant of the 1-D toy test (the paper's setting is the slow test below).
+
+    β = 0.05 and 500 steps per task keep every final MSE ≤ 0.05; without the regularizer the first task is
+    already forgotten after the second one (so that run stops there), by far more than 10×.
+    """
+    kept = _toy_run(beta=0.05, steps=500)
+    final = kept.acc_matrix[2]  # MSE after the last task
+    assert bool((final <= 0.05).all()), final
+    forgot = _toy_run(beta=0.0, steps=300, num_tasks=2)
+    assert float(forgot.acc_matrix[0, 0]) <= 0.01  # task 0 had been learned ...
+    assert float(forgot.acc_matrix[1, 0]) >= 10 * float(final[0])  # ... and is then forgotten
+
+
+@pytest.mark.slow
+def test_toy_paper_setting() -> None:
+    """Official toy setting (β = 0.005, 4,001 iterations per task): every final MSE ≤ 0.01; β = 0 forgets task 1."""
+    kept = _toy_run(beta=0.005, steps=4001)
+    final = kept.acc_matrix[2]
+    assert bool((final <= 0.01).all()), final
+    forgot = _toy_run(beta=0.0, steps=4001)
+    assert float(forgot.acc_matrix[2, 0]) >= 10 * float(final[0])
+
+
+def test_chunked_hypernet_smaller_than_target_learns_three_permuted_tasks(fake_mnist_dir) -> None:
+    pl.seed_everything(0)
+    dm = PermutedMNISTDataModule(
+        data_dir=str(fake_mnist_dir), num_tasks=3, pad_to_32=False, val_size=100, steps_per_task=60, batch_size=32
+    )
+    m = HyperContinualModule(
+        num_tasks=3,
+        input_dim=784,
+        output_dim=10,
+        hidden=(100, 100),
+        hnet_hidden=(25, 25),
+        chunk_size=1000,
+        emb_dim=8,
+        hnet_out_init_std=0.01,
+        beta=0.01,
+        lr=1e-3,
+    )
+    assert m.compression()["compression_ratio"] < 1
+    make_trainer().fit(m, dm)
+    final = m.acc_matrix[2]
+    assert bool((final >= 0.9).all()), final  # chance is 0.1
+    assert bool((m.task_inference_matrix[2] > 1 / 3).all())  # entropy-based inference beats guessing
+
+
+@pytest.mark.slow
+def test_permuted_mnist_real_hypernet_vs_fine_tuning(real_data_dir) -> None:
+    """Real MNIST, 5 permuted tasks, target MLP 784-100-100-10, reduced iterations (500 per task).
+
+    The hypernetwork keeps its mean final accuracy within 2 points of its mean during accuracy; fine-tuning
+    (β = 0, same hypernetwork, same data order) ends at least 5 points lower.
+    """
+
+    def run(beta: float) -> HyperContinualModule:
+        pl.seed_everything(0)
+        dm = PermutedMNISTDataModule(
+            data_dir=str(real_data_dir),
+            num_tasks=5,
+            pad_to_32=False,
+            val_size=5000,
+            eval_size=2000,
+            steps_per_task=500,
+            batch_size=128,
+            eval_batch_size=1000,
+        )
+        m = HyperContinualModule(
+            num_tasks=5,
+            input_dim=784,
+            output_dim=10,
+            hidden=(100, 100),
+            hnet_hidden=(100, 100),
+            chunk_size=2000,
+            emb_dim=8,
+            hnet_out_init_std=0.01,
+            beta=beta,
+            lr=1e-3,
+        )
+        make_trainer().fit(m, dm)
+        return m
+
+    hnet = run(0.05).cl_summary()
+    finetune = run(0.0).cl_summary()
+    assert hnet["during_mean"] > 0.9
+    assert hnet["final_mean"] >= hnet["during_mean"] - 0.02, hnet
+    assert finetune["final_mean"] <= hnet["final_mean"] - 0.05, (hnet, finetune)

@@ -113,10 +113,6 @@ class Hyperparameter:
 torch.serialization.add_safe_globals([Hyperparameter])
 
 
-# checkpoints store the Hyperparameter list in `hyper_parameters`; let `torch.load(weights_only=True)` read it
-torch.serialization.add_safe_globals([Hyperparameter])
-
-
 class HyperparameterSpace(nn.Module):
     """Named hyperparameters with learnable unconstrained values λ and perturbation scales σ.
 

@@ -5,8 +5,8 @@ value and σ of every hyperparameter, plus the step counters). This callback
 
 * draws the trajectories into TensorBoard (``add_figure``) after every ``every_n_epochs`` validation epochs and at
   the end of training when the logger supports figures, and
-* at the end of training writes ``<log_dir>/<filename>.csv`` and ``<log_dir>/<filename>.png`` (any logger, including
-  ``CSVLogger``, which has no image API).
+* at the end of training writes ``<log_dir>/<filename>.png`` next to the logger's files and the module's
+  ``hparam_schedule.csv`` (any logger, including ``CSVLogger``, which has no image API; nothing is written without a logger).
 
 Only rank 0 draws and writes; matplotlib is imported lazily with the object API (no pyplot state).
 """
@@ -98,16 +98,15 @@ class HyperparameterSchedule(Callback):
         experiment.add_figure("hparam_schedule", fig, global_step=trainer.current_epoch)  # type: ignore[union-attr]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank calls it; None without a logger
+        if not trainer.is_global_zero or trainer.logger is None or not log_dir:
             return
         rows = self._rows(pl_module)
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        if not rows or not log_dir:
+        if not rows:
             return
         base = Path(log_dir) / self.filename
-        writer = getattr(pl_module, "write_schedule_csv", None)
-        if writer is not None:
-            self.csv_path = writer(base.with_suffix(".csv"))
+        # the CSV itself is written by BilevelModule.on_train_end (also without this callback), right after this hook
+        self.csv_path = Path(log_dir) / "hparam_schedule.csv"
         try:
             fig = plot_schedule(rows, base.with_suffix(".png"))
         except ImportError:  # matplotlib is optional

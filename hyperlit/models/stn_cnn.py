@@ -114,7 +114,9 @@ class _StnImageNet(StnNet):
     def augment(self, x: Tensor, hparams: Mapping[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """Per-example colour jitter (on [0, 1] images), then cutout filled with the data mean (0 after normalising)."""
         hue, con, sat, bri = (self._value(hparams, n) for n in _JITTER)
-        if any(self._active(v) for v in (hue, con, sat, bri)) and x.shape[1] == 3:
+        if any(self._active(v) for v in (hue, con, sat, bri)):
+            if x.shape[1] != 3:
+                raise ValueError(f"colour jitter (hue/contrast/sat/bright) needs RGB images, got {x.shape[1]} channels")
             x = color_jitter(x, bri, con, sat, hue, generator=generator)
         length, holes = self._value(hparams, "cutlength"), self._value(hparams, "cutholes")
         if self._active(length) and self._active(holes):

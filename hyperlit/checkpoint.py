@@ -7,11 +7,38 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["CheckpointMismatchError", "load_weights"]
+__all__ = ["CheckpointMismatchError", "check_state_dict", "load_weights"]
 
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint does not belong to this model (other class, other architecture or shapes)."""
+
+
+def check_state_dict(
+    model: nn.Module, state_dict: dict[str, object], source: str = "checkpoint", strict: bool = True
+) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``state_dict`` fits ``model`` (resuming, not fine-tuning).
+
+    Names every tensor whose shape differs (with both shapes) and, when ``strict``, the tensors that only one side
+    has: a checkpoint of another architecture fails here with one clear message instead of ``load_state_dict``'s.
+    """
+    own = model.state_dict()
+    problems = [
+        f"{k}: {source} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if strict:
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing:
+            problems.append(f"missing from the {source}: {missing}")
+        if unexpected:
+            problems.append(f"not in the model: {unexpected}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{source} does not fit this {type(model).__name__} (another architecture?):\n  " + "\n  ".join(problems)
+        )
 
 
 def load_weights(model: nn.Module, path: str | Path, strict_shapes: bool = True) -> list[str]:
@@ -20,6 +47,7 @@ def load_weights(model: nn.Module, path: str | Path, strict_shapes: bool = True)
     Tensors whose names the model lacks, or that the model has but the checkpoint lacks, are skipped and
     returned; a tensor present in both with a different shape raises :class:`CheckpointMismatchError`
     (``strict_shapes``) or is skipped.
+    State-dict names listed in the model's ``init_from_skip`` attribute (step counters) are never copied.
     """
     path = Path(path)
     if not path.is_file():
@@ -31,7 +59,9 @@ def load_weights(model: nn.Module, path: str | Path, strict_shapes: bool = True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointMismatchError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     own = model.state_dict()
-    theirs = ckpt["state_dict"]
+    # a module's own step counters (``init_from_skip``) restart with the new run instead of being copied
+    skip = set(getattr(model, "init_from_skip", ()))
+    theirs = {k: v for k, v in ckpt["state_dict"].items() if k not in skip}
     bad = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in theirs.items()
@@ -43,6 +73,12 @@ def load_weights(model: nn.Module, path: str | Path, strict_shapes: bool = True)
     if not load:
         raise CheckpointMismatchError(
             f"checkpoint {path} shares no tensor with {type(model).__name__}; was it saved by another model?"
+        )
+    params = {name for name, _ in model.named_parameters()}
+    if params.isdisjoint(load):  # only buffers (counters) match: copying them alone would be a silent no-op
+        raise CheckpointMismatchError(
+            f"checkpoint {path} shares no weights with {type(model).__name__} (only {sorted(load)}); was it saved "
+            f"by another model, or are the model's layers built lazily (give their sizes, e.g. in_dim)?"
         )
     model.load_state_dict(load, strict=False)
     return sorted(set(own) - set(load)) + sorted(set(theirs) - set(own))

@@ -313,3 +313,7 @@ class HyperContinualModule(ContinualModule):
         state = checkpoint.get("continual", {}).get("reg_generator_state")
         if state is not None:
             self._reg_generator.set_state(state)
+        if "state_dict" in checkpoint:  # another module or architecture: one clear error instead of load_state_dict's
+            from hyperlit.checkpoint import check_state_dict
+
+            check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)

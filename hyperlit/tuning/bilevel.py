@@ -66,6 +66,9 @@ class BilevelModule(pl.LightningModule):
         seed: Seed of the module's generator (perturbations, dropout masks, augmentation).
     """
 
+    #: step counters that ``--init_from`` (:func:`hyperlit.checkpoint.load_weights`) leaves at zero: a new run
+    init_from_skip: tuple[str, ...] = ("phi_steps", "warmup_phi_steps", "hyper_steps_done", "skipped_steps")
+
     def __init__(
         self,
         hyperparameters: list[Hyperparameter] | None = None,
@@ -399,7 +402,7 @@ class BilevelModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from hyperlit.checkpoint import CheckpointMismatchError
+        from hyperlit.checkpoint import CheckpointMismatchError, check_state_dict
 
         state = checkpoint.get("hyperlit")
         if state is None:
@@ -414,6 +417,8 @@ class BilevelModule(pl.LightningModule):
             raise CheckpointMismatchError(
                 f"checkpoint tunes {state['hyperparameter_names']}, this model tunes {self.space.names}"
             )
+        if "state_dict" in checkpoint:  # another architecture: one clear error instead of load_state_dict's
+            check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)
         self._rng_state = state["rng_state"]
         self._rng = None
         self.schedule = list(state["schedule"])

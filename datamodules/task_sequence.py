@@ -17,7 +17,7 @@ How a task sequence runs under Lightning (the design every continual DataModule 
 * Validation/test loaders: one loader per task (``dataloader_idx`` = task), over the task's validation split
   (or its test split when ``val_size == 0``, the papers' protocol) and test split.
 
-Under DDP (not yet tested here) the training sampler must not be replaced by Lightning's: use
+Under DDP (tested in tests/distributed/test_ddp_continual.py) the training sampler must not be replaced by Lightning's: use
 ``Trainer(use_distributed_sampler=False)``; the sampler then gives each rank its slice of every global batch.
 """
 

@@ -302,6 +302,26 @@ class HyperContinualModule(ContinualModule):
             logs[f"cl/drift_task_{j}"] = d
         return logs
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the generator as its state bytes: ``ddp_spawn`` sends the module through torch's shared-memory
+        pickler, which cannot rebuild a ``torch.Generator`` ("unable to resize file")."""
+        state = self.__dict__.copy()
+        state["_reg_generator"] = bytes(self._reg_generator.get_state().numpy())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        gen = torch.Generator()
+        gen.set_state(torch.frombuffer(bytearray(state["_reg_generator"]), dtype=torch.uint8))
+        super().__setstate__({**state, "_reg_generator": gen})
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # the stored-target buffer grows per task; any load_state_dict (e.g. ddp_spawn handing rank 0's weights
+        # back to the main process) must take the saved shape
+        stored = state_dict.get(prefix + "reg_targets")
+        if stored is not None and stored.shape != self.reg_targets.shape:
+            self.register_buffer("reg_targets", torch.zeros_like(stored, device=self.reg_targets.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["continual"] = {"reg_generator_state": self._reg_generator.get_state()}
 

@@ -304,7 +304,13 @@ class BilevelModule(pl.LightningModule):
                 p.grad = self.trainer.strategy.reduce(p.grad, reduce_op="mean")
 
     def _finite_or_handle(self, loss: Tensor, what: str) -> bool:
-        if torch.isfinite(loss).all():
+        finite = torch.isfinite(loss).all()
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # every rank must take (or skip) the step together, or the gradient all-reduce would deadlock
+            flag = finite.to(device=self.device, dtype=torch.float32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
+        if finite:
             return True
         msg = (
             f"non-finite {what} loss {loss.detach().cpu().tolist()} at φ-step {int(self.phi_steps)}, "

@@ -121,12 +121,19 @@ class ParetoModuleBase(pl.LightningModule):
         self.hparams["in_dim"] = self.in_dim  # so checkpoints rebuild the same architecture
         self._build()
 
+    # counters that `--init_from` (fine-tuning) must not copy: a new run starts them afresh
+    init_from_skip = ("ray_step", "epo_solves", "epo_fallbacks")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from hyperlit.checkpoint import check_state_dict
+
         if not self.built:  # runs before load_state_dict: create the parameters the state dict fills
             in_dim = checkpoint.get("hyper_parameters", {}).get("in_dim")
             if in_dim is not None:
                 self.in_dim = int(in_dim)
                 self._build()
+        if self.built:  # a checkpoint of another module or architecture: one clear error naming the tensors
+            check_state_dict(self, checkpoint.get("state_dict", {}), source="checkpoint", strict=self.strict_loading)
 
     # -- shared pieces -----------------------------------------------------------------------------------
     def _require_built(self) -> None:

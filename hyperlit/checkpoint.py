@@ -70,15 +70,12 @@ def load_weights(model: nn.Module, path: str | Path, strict_shapes: bool = True)
     if bad and strict_shapes:
         raise CheckpointMismatchError(f"checkpoint {path} has mismatched shapes:\n  " + "\n  ".join(bad))
     load = {k: v for k, v in theirs.items() if k in own and v.shape == own[k].shape}
-    if not load:
-        raise CheckpointMismatchError(
-            f"checkpoint {path} shares no tensor with {type(model).__name__}; was it saved by another model?"
-        )
     params = {name for name, _ in model.named_parameters()}
-    if params.isdisjoint(load):  # only buffers (counters) match: copying them alone would be a silent no-op
+    if params.isdisjoint(load):  # nothing, or only buffers (counters), match: copying them would be a silent no-op
+        only = f" (only {sorted(load)})" if load else ""
         raise CheckpointMismatchError(
-            f"checkpoint {path} shares no weights with {type(model).__name__} (only {sorted(load)}); was it saved "
-            f"by another model, or are the model's layers built lazily (give their sizes, e.g. in_dim)?"
+            f"checkpoint {path} shares no weights with {type(model).__name__}{only}; was it saved by another "
+            f"model, or are the model's layers built lazily (give their sizes, e.g. in_dim)?"
         )
     model.load_state_dict(load, strict=False)
     return sorted(set(own) - set(load)) + sorted(set(theirs) - set(own))

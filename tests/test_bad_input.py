@@ -218,7 +218,7 @@ def test_init_from_missing_or_foreign_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointMismatchError, match=r"could not read checkpoint .*junk\.ckpt"):
         load_weights(module, tmp_path / "junk.ckpt")
     torch.save({"state_dict": {"something.else": torch.zeros(3)}}, tmp_path / "other.ckpt")
-    with pytest.raises(CheckpointMismatchError, match="shares no tensor with SelfTuningModule"):
+    with pytest.raises(CheckpointMismatchError, match="shares no weights with SelfTuningModule"):
         load_weights(module, tmp_path / "other.ckpt")
     # only buffers in common (e.g. a step counter): copying them alone would silently change nothing that matters
     holder = torch.nn.Module()

@@ -202,6 +202,9 @@ def test_phn_init_from_needs_the_built_architecture(tmp_path: Path) -> None:
     torch.manual_seed(1)
     fresh = ParetoHyperNetModule(solver="ls", lr=1e-3, in_dim=trained.in_dim)
     assert not torch.equal(fresh.hnet.head.weight, trained.hnet.head.weight)
-    assert load_weights(fresh, ckpt) == []
+    # weights copied; the counters are skipped on purpose (a fine-tuning run starts them afresh)
+    assert load_weights(fresh, ckpt) == ["epo_fallbacks", "epo_solves", "ray_step"]
+    assert int(trained.ray_step) > 0
+    assert int(fresh.ray_step) == 0
     for (name, a), (_, b) in zip(trained.named_parameters(), fresh.named_parameters()):
         torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)

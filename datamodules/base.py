@@ -5,6 +5,13 @@
 * Missing files raise :class:`DatasetNotFoundError`, which names the files, the expected layout and the
   ``download`` option.
 * Splits are seeded (``split_seed``) so every process and every run sees the same partition.
+* Training streams resume exactly in the middle of an epoch: the DataModule counts the training batches handed to
+  ``training_step`` (``on_after_batch_transfer``; a loader's own count would run ahead of training whenever Lightning
+  prefetches) and keeps ``(epoch, consumed_batches)`` in its ``state_dict``, which Lightning writes into every
+  checkpoint. After ``fit(ckpt_path=...)`` each shuffled training loader (:class:`ResumableDataLoader`: the train
+  stream and the cycled hyper stream) starts that epoch at batch ``consumed_batches mod len(loader)``, so the resumed
+  run sees exactly the batches of an uninterrupted one (Lightning alone would restart the epoch's order from its
+  first batch and stop early, repeating some batches and never showing others).
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
     "DataFormatError",
     "DatasetNotFoundError",
     "HyperlitDataModule",
+    "ResumableDataLoader",
     "SeededRandomSampler",
     "default_data_dir",
     "download_url",
@@ -110,22 +119,76 @@ class SeededRandomSampler(Sampler[int]):
 
     Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint sees exactly the
     batches an uninterrupted run would have seen (a plain ``RandomSampler`` draws from the global RNG instead).
+    :meth:`resume` starts the next pass over a given epoch part-way (mid-epoch resume).
     """
 
     def __init__(self, num_samples: int, seed: int = 0) -> None:
         self.num_samples = num_samples
         self.seed = seed
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume(self, epoch: int, num_indices: int) -> None:
+        """Start the next pass over ``epoch`` after its first ``num_indices`` indices (later passes are whole).
+
+        ``len`` stays the full epoch's: Lightning counts the batches of the resumed epoch from it.
+        """
+        self._skip = (epoch, num_indices) if num_indices > 0 else None
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
+        order = torch.randperm(self.num_samples, generator=gen)
+        start = 0
+        if self._skip is not None and self._skip[0] <= self.epoch:
+            if self._skip[0] == self.epoch:
+                start = self._skip[1]
+            self._skip = None  # one pass only: a cycled stream's next pass over the epoch is complete
+        return iter(order[start:].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A training-stream loader whose position Lightning saves (``state_dict``) and restores (``load_state_dict``).
+
+    The position is its DataModule's count of consumed training batches (see the module docstring); on restore the
+    loader skips ``consumed_batches mod len(self)`` batches of that epoch, which is where a stream cycled by
+    ``CombinedLoader(mode="max_size_cycle")`` stood. Only its sampler's ``resume`` (:class:`SeededRandomSampler`)
+    can skip: a sampler Lightning substituted (``DistributedSampler`` under DDP with ``use_distributed_sampler``)
+    restarts the epoch, with a warning.
+    """
+
+    def __init__(self, *args: Any, datamodule: HyperlitDataModule | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.datamodule = datamodule
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.datamodule.state_dict() if self.datamodule is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self.resume(int(state_dict["epoch"]), int(state_dict["consumed_batches"]))
+
+    def resume(self, epoch: int, consumed_batches: int) -> None:
+        """Continue ``epoch`` after ``consumed_batches`` trained batches (a cycled stream: modulo its length)."""
+        if epoch < 0 or consumed_batches <= 0:
+            return
+        num_batches = len(self)
+        skip = consumed_batches % num_batches if num_batches else 0
+        if skip == 0:
+            return
+        resume = getattr(self.sampler, "resume", None)
+        if resume is None:
+            rank_zero_warn(
+                f"cannot resume the training loader mid-epoch with a {type(self.sampler).__name__}: epoch {epoch} "
+                f"restarts from its first batch after {consumed_batches} trained batches"
+            )
+            return
+        resume(epoch, skip * int(self.batch_size or 1))
 
 
 class HyperlitDataModule(pl.LightningDataModule):
@@ -164,21 +227,49 @@ class HyperlitDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.split_seed = split_seed
+        self._consumed_epoch = -1
+        self._consumed = 0
+        self._resume: tuple[int, int] | None = None
 
     # -- helpers for subclasses -------------------------------------------------------------------
     def _loader(
         self, dataset: Dataset[Any], shuffle: bool, batch_size: int | None = None, drop_last: bool = False
     ) -> DataLoader[Any]:
-        sampler = SeededRandomSampler(len(dataset), seed=self.split_seed) if shuffle else None  # type: ignore[arg-type]
-        return DataLoader(
-            dataset,
+        """A shuffled (training-stream, mid-epoch resumable) or sequential (evaluation) loader."""
+        kwargs: dict[str, Any] = dict(
             batch_size=batch_size or (self.batch_size if shuffle else self.eval_batch_size),
-            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+        if not shuffle:
+            return DataLoader(dataset, **kwargs)
+        sampler = SeededRandomSampler(len(dataset), seed=self.split_seed)  # type: ignore[arg-type]
+        loader = ResumableDataLoader(dataset, sampler=sampler, datamodule=self, **kwargs)
+        if self._resume is not None:
+            loader.resume(*self._resume)
+        return loader
+
+    # -- resumable position (see the module docstring) ------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            epoch = int(trainer.current_epoch)
+            if epoch != self._consumed_epoch:
+                self._consumed_epoch, self._consumed = epoch, 0
+                if self._resume is not None and self._resume[0] == epoch:
+                    self._consumed = self._resume[1]
+            self._consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training position: the epoch and how many of its batches were trained (written into checkpoints)."""
+        return {"epoch": self._consumed_epoch, "consumed_batches": self._consumed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "epoch" in state_dict and "consumed_batches" in state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["consumed_batches"]))
 
     def check_files(self, dataset: str, root: Path, files: Sequence[str], layout: str) -> None:
         """Raise :class:`DatasetNotFoundError` naming every file of ``files`` missing under ``root``."""

@@ -3,6 +3,11 @@
 Modules and DataModules are found by importing every submodule of ``hyperlit`` and ``datamodules``, so a new
 module is listed by ``hyperlit fit --help`` without any registration. A user's own classes can be named by
 import path (``--model my_pkg.MyModule``).
+
+Fault tolerance (README, "Fault tolerance"): checkpoints are written atomically
+(:class:`hyperlit.checkpoint_io.AtomicCheckpointIO`, unless a ``CheckpointIO`` plugin is given), ``fit`` keeps a
+``last.ckpt`` (a default ``ModelCheckpoint(save_last=True)`` when checkpointing is on and no checkpoint callback is
+configured), and ``--ckpt_path last`` finds the newest ``last.ckpt`` of earlier runs under the same log root.
 """
 
 from __future__ import annotations
@@ -11,8 +16,13 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+
+from hyperlit.checkpoint_io import find_last_checkpoint, use_atomic_checkpoint_io
 
 __all__ = ["HyperlitCLI", "import_all", "main"]
 
@@ -41,7 +51,25 @@ class HyperlitCLI(LightningCLI):
             "use --ckpt_path to resume a run instead.",
         )
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, plus a ``last.ckpt``-keeping ``ModelCheckpoint`` (``fit``) and atomic checkpoint writes."""
+        config = self._get(self.config_init, "trainer", default={})
+        if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
+            callbacks = config.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+            if not any(isinstance(cb, Checkpoint) for cb in callbacks):  # Lightning's default keeps no last.ckpt
+                kwargs["callbacks"] = [*callbacks, ModelCheckpoint(save_last=True)]
+        trainer = super().instantiate_trainer(**kwargs)
+        plugins = config.get("plugins")
+        use_atomic_checkpoint_io(trainer, plugins if isinstance(plugins, (list, tuple)) else [plugins])
+        return trainer
+
     def before_fit(self) -> None:
+        if self.config_init[self.subcommand].get("ckpt_path") == "last":
+            # Lightning looks only in this run's (new) version folder; resume the newest last.ckpt of the log root
+            last = find_last_checkpoint(self.trainer)
+            if last is not None:
+                self.config_init[self.subcommand]["ckpt_path"] = last
         init_from = self.config[self.subcommand].get("init_from")
         if init_from:
             from hyperlit.checkpoint import load_weights

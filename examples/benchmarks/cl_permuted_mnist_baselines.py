@@ -10,11 +10,12 @@ Reads the MNIST IDX files from ``$HYPERLIT_DATA_DIR/mnist`` (or ``--data_dir``).
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import lightning.pytorch as pl
 import torch
+
+# the sibling script puts the repository root on sys.path and holds the shared Trainer set-up
+from cl_permuted_mnist10 import DEFAULT_DATA_DIR, fit_lightning
 
 from datamodules.continual_mnist import PermutedMNISTDataModule
 from hyperlit.continual.base import ContinualModule
@@ -34,24 +35,14 @@ def run(model: ContinualModule, args: argparse.Namespace) -> tuple[dict[str, flo
         batch_size=128,
         eval_batch_size=1000,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=args.tasks,
-        enable_progress_bar=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    t0 = time.perf_counter()
-    trainer.fit(model, dm)
-    return model.cl_summary(), time.perf_counter() - t0
+    _, train_s, eval_s = fit_lightning(model, dm)
+    return model.cl_summary(), train_s + eval_s
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 tasks × 100 steps (< 2 minutes)")
-    parser.add_argument("--data_dir", default=os.environ.get("HYPERLIT_DATA_DIR", "."))
+    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     args.tasks, args.steps = (3, 100) if args.quick else (5, 500)

@@ -11,6 +11,9 @@ median over iterations is reported.
   ``nn.Dropout`` at fixed rates. STN: ``StnAlexNet`` with per-example hypernet input (15 hyperparameters, perturbed)
   and per-example dropout rates; no augmentation on either side.
 * Evaluation forward (no grad) at one λ for the whole batch: the STN layers fold ``W + diag(Vλ̃) W_h`` once.
+* Layers (``--layers``, on by default): forward + backward of one ``StnLinear`` (1,024 → 1,024) and one
+  ``StnConv2d`` (64 → 64, 3×3, 16×16 maps) with a per-example hypernet input (15 hyperparameters), against
+  ``nn.Linear`` / ``nn.Conv2d`` of the same shape.
 * Augmentation = per-example colour jitter (brightness, contrast, saturation, hue) + cutout. Loop: one
   ``torchvision.transforms.ColorJitter`` built per image with that image's strengths, then the official cutout
   (numpy mask), as in the official ``CustomCIFAR10.__getitem__``.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from torchvision import transforms
 from hyperlit.hparams import HyperparameterSpace
 from hyperlit.models.stn_cnn import AlexNetCNN, StnAlexNet, alexnet_hyperparameters
 from hyperlit.nn.augment import color_jitter, cutout
+from hyperlit.nn.stn import StnConv2d, StnLinear
 
 
 def _official_cutout(img: torch.Tensor, holes: int, length: int, rng: np.random.Generator) -> torch.Tensor:
@@ -41,6 +46,55 @@ def _official_cutout(img: torch.Tensor, holes: int, length: int, rng: np.random.
         x1, x2 = int(np.clip(x - length / 2, 0, w)), int(np.clip(x + length / 2, 0, w))
         mask[y1:y2, x1:x2] = 0.0
     return img * torch.from_numpy(mask)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _alternate(fns: tuple[Callable[[], object], Callable[[], object]], iters: int, warmup: int, device: torch.device):
+    """Median seconds of each of two callables, timed alternately in one loop (load hits both alike)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(iters + warmup):
+        for fn, store in zip(fns, times):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= warmup:
+                store.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def bench_layers(batch: int, iters: int, device: torch.device) -> list[tuple[str, float, float]]:
+    """Forward + backward of one STN layer (per-example λ̃) against the plain layer of the same shape."""
+    torch.manual_seed(0)
+    hdim = 15
+    hnet = torch.randn(batch, hdim, device=device)
+    rows = []
+    cases = (
+        ("linear 1024->1024", StnLinear(1024, 1024, hdim), torch.nn.Linear(1024, 1024), (batch, 1024)),
+        (
+            "conv 64->64 3x3 16x16",
+            StnConv2d(64, 64, 3, hdim, padding=1),
+            torch.nn.Conv2d(64, 64, 3, padding=1),
+            (batch, 64, 16, 16),
+        ),
+    )
+    for name, stn_layer, plain_layer, shape in cases:
+        stn_layer, plain_layer = stn_layer.to(device), plain_layer.to(device)
+        x = torch.randn(*shape, device=device, requires_grad=True)
+
+        def plain_fb(layer=plain_layer, x=x) -> None:
+            layer(x).square().mean().backward()
+
+        def stn_fb(layer=stn_layer, x=x) -> None:
+            layer(x, hnet).square().mean().backward()
+
+        tp, ts = _alternate((plain_fb, stn_fb), iters, 2, device)
+        rows.append((name, tp, ts))
+    return rows
 
 
 def bench_step(batch: int, iters: int, width: float) -> tuple[float, float]:
@@ -139,6 +193,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     step_iters, aug_iters = (5, 5) if args.quick else (20, 20)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, width {args.width}")
+    for name, tp, ts in bench_layers(args.batch, aug_iters, torch.device("cpu")):
+        print(
+            f"layer fwd+bwd  {name:<22} plain {tp * 1e3:7.2f} ms   STN {ts * 1e3:7.2f} ms   ratio STN/plain {ts / tp:.2f}x"
+        )
     tp, ts = bench_step(args.batch, step_iters, args.width)
     print(f"training step  plain CNN {tp * 1e3:8.1f} ms   STN CNN {ts * 1e3:8.1f} ms   ratio STN/plain {ts / tp:.2f}x")
     ep, es = bench_eval(args.batch, aug_iters, args.width)

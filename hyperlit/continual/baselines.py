@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from hyperlit.checkpoint import check_state_dict
 from hyperlit.continual.base import ContinualModule, TaskType
 from hyperlit.continual.ewc import ewc_penalty, per_example_grad_sq
 from hyperlit.continual.module import HyperContinualModule
@@ -90,6 +91,11 @@ class EWCContinualModule(ContinualModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "state_dict" in checkpoint:  # another module or architecture: one clear error instead of load_state_dict's
+            check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)
 
     def _heads(self, out: Tensor) -> Tensor:
         """(B, H·C) → (B, H, C)."""

@@ -178,12 +178,14 @@ class ParetoModuleBase(pl.LightningModule):
 
         ``torch.autograd.grad`` bypasses DDP's gradient hooks, so without this every rank would solve its own LP
         from local gradients; with it every rank solves the same LP (identical β, then one synced backward).
+        The losses are cloned first: the strategy reduces in place and ``losses.detach()`` shares its storage with
+        the rank's own losses, whose logged values and loss value would otherwise silently become the rank mean.
         """
         trainer = self._trainer
         if trainer is None or trainer.world_size <= 1:
             return losses, grads
         strategy = trainer.strategy
-        return strategy.reduce(losses.detach(), reduce_op="mean"), strategy.reduce(grads, reduce_op="mean")
+        return strategy.reduce(losses.detach().clone(), reduce_op="mean"), strategy.reduce(grads, reduce_op="mean")
 
     # -- evaluation ----------------------------------------------------------------------------------------
     @property

@@ -2,6 +2,7 @@
 
 from hyperlit.tuning.best_response import BestResponseModule
 from hyperlit.tuning.bilevel import BilevelModule
+from hyperlit.tuning.fixed_hparams import FixedHyperparameterModule
 from hyperlit.tuning.stn import SelfTuningModule
 
-__all__ = ["BestResponseModule", "BilevelModule", "SelfTuningModule"]
+__all__ = ["BestResponseModule", "BilevelModule", "FixedHyperparameterModule", "SelfTuningModule"]

@@ -1,0 +1,308 @@
+"""A plain image/MLP classifier trained with fixed or replayed regularization hyperparameters (STN paper, Table 1).
+
+The baselines of a hyperparameter search (random search, TPE, grid search) and the two controls of Table 1 of
+MacKay et al. (2019) train an *ordinary* network — no best-response layers — whose regularization strengths are
+either fixed for the whole run or follow a schedule recorded by a Self-Tuning Network:
+
+* fixed-value mode (``schedule=None``): every φ-step uses ``values`` (names not given keep their search-space
+  ``init``, i.e. the STN's initial values; give 0 to switch a regularizer off);
+* replay mode: ``schedule`` is the CSV a tuning run writes (``hparam_schedule.csv``, one row per λ-step with the
+  columns ``phi_step``, ``epoch`` and one per scalar hyperparameter, see
+  :meth:`~hyperlit.tuning.bilevel.BilevelModule.write_schedule_csv`). ``replay="step"`` (default): φ-step *n* uses
+  the last row recorded after at most *n − 1* φ-steps, the values the STN's λ had when it took that step;
+  ``replay="epoch"``: epoch *e* uses the last row of epoch *e* (the official per-epoch replay). Before the first
+  row (the STN's warm-up) ``values`` apply.
+
+The network is any :class:`~hyperlit.nn.stn.StnNet` (e.g. :class:`~hyperlit.models.stn_cnn.StnSmallCNN`); by
+default it is turned into its :func:`plain_twin` — the same architecture with ordinary ``nn.Conv2d``/``nn.Linear``
+layers — so the regularizers (per-example dropout, input dropout/scaling, colour jitter, cutout) are exactly the
+code the STN uses, at one value for the whole batch, while the layers cost what plain layers cost. Discrete
+hyperparameters are floored, as the STN floors them.
+
+Optimization is manual (like every hyperlit module): one optimizer over the weights, an own step counter
+(``steps``, a buffer saved in checkpoints) that drives the replay, and a checkpointed generator for every mask.
+Validation and test log ``val/loss``, ``val/acc`` (``test/…``), the keys :class:`~hyperlit.tuning.stn.SelfTuningModule`
+logs, so one harness can compare both.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hyperlit.hparams import Hyperparameter
+from hyperlit.nn.stn import StnConv2d, StnLinear, StnNet
+from hyperlit.tuning.schedule_replay import ReplaySchedule, load_schedule
+
+__all__ = ["FixedHyperparameterModule", "PlainConv2d", "PlainLinear", "plain_twin"]
+
+
+class PlainLinear(nn.Linear):
+    """``nn.Linear`` that accepts (and ignores) the hypernetwork input of the STN layer it replaces."""
+
+    def forward(self, x: Tensor, hnet_input: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        return super().forward(x)
+
+
+class PlainConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that accepts (and ignores) the hypernetwork input of the STN layer it replaces."""
+
+    def forward(self, x: Tensor, hnet_input: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        return super().forward(x)
+
+
+def _plain_layer(layer: StnLinear | StnConv2d) -> nn.Module:
+    """The ordinary layer computing the STN layer's general path ``W x + b`` (its weights copied)."""
+    bias = layer.bias is not None
+    new: nn.Module
+    if isinstance(layer, StnLinear):
+        new = PlainLinear(layer.in_features, layer.out_features, bias=bias)
+    else:
+        new = PlainConv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=bias,
+            padding_mode=layer.padding_mode,
+        )
+    scale = layer.elem_scalar.detach() if layer.elem_scalar is not None else 1.0
+    with torch.no_grad():
+        new.weight.copy_(layer.weight * scale)
+        if bias:
+            new.bias.copy_(layer.bias * scale)  # type: ignore[operator]
+    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def plain_twin(net: StnNet) -> StnNet:
+    """A copy of ``net`` whose STN layers are ordinary layers (no response weights, no bottleneck ``V``).
+
+    Each ``StnLinear``/``StnConv2d`` becomes a :class:`PlainLinear`/:class:`PlainConv2d` holding its general
+    weights ``W, b``; everything else (normalisation, regularizers, augmentation, plain layers) is kept, so the
+    twin computes the STN network's output at a zero response (``Vλ̃ = 0``) at the cost of a plain network.
+    """
+
+    def replace(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, (StnLinear, StnConv2d)):
+                setattr(module, name, _plain_layer(child))
+            else:
+                replace(child)
+
+    twin = copy.deepcopy(net)
+    replace(twin)
+    return twin
+
+
+def _schedule_names(path: Path, names: list[str]) -> list[str]:
+    """The tuned names that the schedule CSV has a column for (in ``names`` order)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"schedule file {path} does not exist (a tuning run writes <log_dir>/hparam_schedule.csv)"
+        )
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), [])
+    present = [n for n in names if n in header]
+    if not present:
+        raise KeyError(f"{path} has none of the columns {names}; header: {header}")
+    return present
+
+
+class FixedHyperparameterModule(pl.LightningModule):
+    """Plain classifier with fixed or replayed regularization hyperparameters (manual optimization).
+
+    Args:
+        net: An :class:`~hyperlit.nn.stn.StnNet` classifier (``forward(x, hnet_input, hparams, generator)``).
+        values: Hyperparameter values by name (constrained scale); names not given keep their ``init``.
+        hyperparameters: The search space the names and ranges come from; ``None``: ``net.default_hyperparameters()``.
+        schedule: A schedule CSV path (or a :class:`~hyperlit.tuning.schedule_replay.ReplaySchedule`) to replay;
+            ``None``: fixed-value mode.
+        replay: ``step`` (the STN's values at every φ-step) or ``epoch`` (per-epoch replay).
+        plain: Train the :func:`plain_twin` of ``net`` (default); ``False`` keeps the STN layers and feeds them a
+            zero hypernetwork input (same outputs, twice the layer parameters).
+        phi_optimizer: ``sgd`` or ``adam``.
+        phi_lr: Learning rate.
+        phi_momentum: SGD momentum.
+        phi_weight_decay: Weight decay.
+        grad_clip: Gradient-norm clipping (``None``: off).
+        seed: Seed of the module's generator (every dropout/augmentation draw).
+
+    Raises:
+        KeyError: ``values`` or the schedule name hyperparameters outside the search space, or the search space names
+            hyperparameters the network does not use.
+        ValueError: A value outside its range, or an invalid setting.
+    """
+
+    def __init__(
+        self,
+        net: StnNet,
+        values: Mapping[str, float] | None = None,
+        hyperparameters: list[Hyperparameter] | None = None,
+        schedule: str | Path | ReplaySchedule | None = None,
+        replay: Literal["step", "epoch"] = "step",
+        plain: bool = True,
+        phi_optimizer: Literal["sgd", "adam"] = "sgd",
+        phi_lr: float = 0.01,
+        phi_momentum: float = 0.9,
+        phi_weight_decay: float = 0.0,
+        grad_clip: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        if not isinstance(net, StnNet):
+            raise TypeError(
+                f"net must be an StnNet (e.g. hyperlit.models.stn_cnn.StnSmallCNN), got {type(net).__name__}"
+            )
+        if replay not in ("step", "epoch"):
+            raise ValueError(f"replay must be 'step' or 'epoch', got {replay!r}")
+        if phi_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"phi_optimizer must be 'sgd' or 'adam', got {phi_optimizer!r}")
+        if not phi_lr > 0 or (grad_clip is not None and not grad_clip > 0):
+            raise ValueError(f"need phi_lr > 0 and grad_clip > 0 or None, got {phi_lr}, {grad_clip}")
+        entries = list(hyperparameters) if hyperparameters is not None else net.default_hyperparameters()
+        known = set(getattr(net, "hparam_names", ()))
+        foreign = [h.name for h in entries if h.name not in known]
+        if foreign:
+            raise KeyError(
+                f"{type(net).__name__} does not use hyperparameters {foreign}; it understands {sorted(known)}"
+            )
+        self.space_entries = {h.name: h for h in entries}
+        unknown = sorted(set(values or {}) - set(self.space_entries))
+        if unknown:
+            raise KeyError(
+                f"values name unknown hyperparameters {unknown}; the search space has {list(self.space_entries)}"
+            )
+        self.values = {h.name: self._check(h, (values or {}).get(h.name, h.init)) for h in entries}
+        if isinstance(schedule, (str, Path)):
+            path = Path(schedule)
+            schedule = load_schedule(path, _schedule_names(path, list(self.space_entries)))
+        if schedule is not None:
+            extra = [n for n in schedule.names if n not in self.space_entries]
+            if extra:
+                raise KeyError(
+                    f"the schedule replays {extra}, which are not in the search space {list(self.space_entries)}"
+                )
+        self.schedule: ReplaySchedule | None = schedule
+        self.replay = replay
+        self.net = plain_twin(net) if plain else net
+        self.plain = plain
+        self.phi_optimizer = phi_optimizer
+        self.phi_lr = phi_lr
+        self.phi_momentum = phi_momentum
+        self.phi_weight_decay = phi_weight_decay
+        self.grad_clip = grad_clip
+        self.seed = seed
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._rng: torch.Generator | None = None
+        self._rng_state: Tensor | None = None
+        self.save_hyperparameters(ignore=["net", "schedule"])
+
+    @staticmethod
+    def _check(h: Hyperparameter, value: float) -> float:
+        value = float(value)
+        if not (math.isfinite(value) and h.low <= value <= h.high):
+            raise ValueError(f"{h.name}={value} lies outside its range [{h.low}, {h.high}]")
+        return float(math.floor(value)) if h.discrete else value
+
+    @property
+    def rng(self) -> torch.Generator:
+        """The module's generator on its device (every mask and augmentation draw); saved in checkpoints."""
+        if self._rng is None or self._rng.device != self.device:
+            gen = torch.Generator(device=self.device)
+            if self._rng_state is not None:
+                gen.set_state(self._rng_state)
+                self._rng_state = None
+            else:
+                gen.manual_seed(self.seed)
+            self._rng = gen
+        return self._rng
+
+    def current_values(self) -> dict[str, float]:
+        """The hyperparameter values of the next φ-step (fixed, or from the replayed schedule)."""
+        out = dict(self.values)
+        if self.schedule is not None:
+            replayed = (
+                self.schedule.at_step(int(self.steps))
+                if self.replay == "step"
+                else self.schedule.at_epoch(self.current_epoch)
+            )
+            for name, v in (replayed or {}).items():
+                h = self.space_entries[name]
+                out[name] = float(math.floor(v)) if h.discrete else float(v)
+        return out
+
+    def _hnet(self, batch: int) -> Tensor | None:
+        if self.plain:
+            return None
+        return torch.zeros(1, self.net.hdim, device=self.device).expand(batch, -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Predictions (regularizers active only in train mode, at the current values; no augmentation)."""
+        return self.net(x, self._hnet(x.shape[0]), self.current_values() if self.training else None, self.rng)
+
+    def configure_optimizers(self) -> Any:
+        """One optimizer over every weight."""
+        if self.phi_optimizer == "sgd":
+            return torch.optim.SGD(
+                self.parameters(), lr=self.phi_lr, momentum=self.phi_momentum, weight_decay=self.phi_weight_decay
+            )
+        return torch.optim.Adam(self.parameters(), lr=self.phi_lr, weight_decay=self.phi_weight_decay)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if isinstance(batch, Mapping) and "train" in batch:
+            batch = batch["train"]  # a DataModule that served a tuning module yields {"train", "hyper"} batches
+        x, y = batch
+        values = self.current_values()
+        x = self.net.augment(x, values, generator=self.rng)  # type: ignore[arg-type]
+        out = self.net(x, self._hnet(x.shape[0]), values, generator=self.rng)  # type: ignore[arg-type]
+        loss = F.cross_entropy(out, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {int(self.steps)} (epoch {self.current_epoch}); "
+                f"hyperparameters {values}"
+            )
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.grad_clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.steps += 1
+        n = y.shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/acc", (out.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True, batch_size=n)
+
+    def _eval(self, batch: Any, stage: str) -> None:
+        x, y = batch
+        out = self.net(x, self._hnet(x.shape[0]), None)
+        n = y.shape[0]
+        self.log(f"{stage}/loss", F.cross_entropy(out, y), prog_bar=True, on_epoch=True, batch_size=n)
+        self.log(f"{stage}/acc", (out.argmax(-1) == y).float().mean(), on_epoch=True, batch_size=n)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval(batch, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyperlit"] = {"module": type(self).__qualname__, "rng_state": self.rng.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("hyperlit", {})
+        if "rng_state" in state:
+            self._rng_state = state["rng_state"]
+            self._rng = None

@@ -33,6 +33,7 @@ time and the load average are printed next to every wall-clock figure.
 
     python examples/benchmarks/stn_vs_hpo.py --quick     # 1 seed, 8 s per method (under 2 minutes)
     python examples/benchmarks/stn_vs_hpo.py             # 3 seeds, 150 s per method (about 40 minutes)
+    python examples/benchmarks/stn_vs_hpo.py --budget 120   # the run in docs/benchmarks.md (about 30 minutes)
 """
 
 from __future__ import annotations

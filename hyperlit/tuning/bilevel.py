@@ -32,13 +32,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from hyperlit.checkpoint import CheckpointedGenerator, CheckpointMismatchError, check_state_dict
 from hyperlit.hparams import Hyperparameter, HyperparameterSpace
 from hyperlit.streams import attach_hyper_stream, detach_hyper_stream, split_streams
 
 __all__ = ["BilevelModule"]
 
 
-class BilevelModule(pl.LightningModule):
+class BilevelModule(CheckpointedGenerator, pl.LightningModule):
     """Base LightningModule for hyperparameter tuning with a best-response approximation.
 
     Subclasses implement :meth:`train_loss` and :meth:`hyper_loss` (and usually :meth:`eval_metrics`).
@@ -136,8 +137,6 @@ class BilevelModule(pl.LightningModule):
         self.register_buffer("hyper_steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.schedule: list[dict[str, float]] = []
-        self._rng: torch.Generator | None = None
-        self._rng_state: Tensor | None = None
         # λ and σ get their gradients by hand (see module docstring); DDP must not reduce them
         self._ddp_params_and_buffers_to_ignore = ["space.unconstrained", "space.scale"]
 
@@ -180,19 +179,9 @@ class BilevelModule(pl.LightningModule):
         return self.space.repeat(batch_size)
 
     # -- generator ---------------------------------------------------------------------------------
-    @property
-    def rng(self) -> torch.Generator:
-        """The module's generator on its device; its state is saved in checkpoints."""
-        if self._rng is None or self._rng.device != self.device:
-            gen = torch.Generator(device=self.device)
-            if self._rng_state is not None:
-                gen.set_state(self._rng_state)
-                self._rng_state = None
-            else:
-                # per-rank streams: under DDP every rank perturbs its own shard with its own ε
-                gen.manual_seed(self.seed + 1_000_003 * self.global_rank)
-            self._rng = gen
-        return self._rng
+    def generator_seed(self) -> int:
+        """Per-rank streams: under DDP every rank perturbs its own shard with its own ε."""
+        return self.seed + 1_000_003 * self.global_rank
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -408,8 +397,6 @@ class BilevelModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from hyperlit.checkpoint import CheckpointMismatchError, check_state_dict
-
         state = checkpoint.get("hyperlit")
         if state is None:
             raise CheckpointMismatchError(
@@ -425,6 +412,5 @@ class BilevelModule(pl.LightningModule):
             )
         if "state_dict" in checkpoint:  # another architecture: one clear error instead of load_state_dict's
             check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)
-        self._rng_state = state["rng_state"]
-        self._rng = None
+        self.restore_rng(state["rng_state"])
         self.schedule = list(state["schedule"])

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hyperlit.checkpoint import CheckpointedGenerator, check_state_dict
 from hyperlit.hparams import Hyperparameter
 from hyperlit.nn.stn import StnConv2d, StnLinear, StnNet
 from hyperlit.tuning.schedule_replay import ReplaySchedule, load_schedule
@@ -120,7 +121,7 @@ def _schedule_names(path: Path, names: list[str]) -> list[str]:
     return present
 
 
-class FixedHyperparameterModule(pl.LightningModule):
+class FixedHyperparameterModule(CheckpointedGenerator, pl.LightningModule):
     """Plain classifier with fixed or replayed regularization hyperparameters (manual optimization).
 
     Args:
@@ -206,8 +207,6 @@ class FixedHyperparameterModule(pl.LightningModule):
         self.grad_clip = grad_clip
         self.seed = seed
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self._rng: torch.Generator | None = None
-        self._rng_state: Tensor | None = None
         self.save_hyperparameters(ignore=["net", "schedule"])
 
     @staticmethod
@@ -216,19 +215,6 @@ class FixedHyperparameterModule(pl.LightningModule):
         if not (math.isfinite(value) and h.low <= value <= h.high):
             raise ValueError(f"{h.name}={value} lies outside its range [{h.low}, {h.high}]")
         return float(math.floor(value)) if h.discrete else value
-
-    @property
-    def rng(self) -> torch.Generator:
-        """The module's generator on its device (every mask and augmentation draw); saved in checkpoints."""
-        if self._rng is None or self._rng.device != self.device:
-            gen = torch.Generator(device=self.device)
-            if self._rng_state is not None:
-                gen.set_state(self._rng_state)
-                self._rng_state = None
-            else:
-                gen.manual_seed(self.seed)
-            self._rng = gen
-        return self._rng
 
     def current_values(self) -> dict[str, float]:
         """The hyperparameter values of the next φ-step (fixed, or from the replayed schedule)."""
@@ -303,6 +289,6 @@ class FixedHyperparameterModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("hyperlit", {})
-        if "rng_state" in state:
-            self._rng_state = state["rng_state"]
-            self._rng = None
+        if "state_dict" in checkpoint:  # another module or architecture: one clear error instead of load_state_dict's
+            check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)
+        self.restore_rng(state.get("rng_state"))

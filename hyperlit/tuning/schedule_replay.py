@@ -31,6 +31,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from hyperlit.checkpoint import CheckpointedGenerator, check_state_dict
 from hyperlit.models.stn_lstm_lm import LM_HPARAMS, LMOutput, StnLSTMLanguageModel, lm_training_loss
 from hyperlit.tuning.stn_lm import LanguageModelEvaluation, unpack_window
 
@@ -113,7 +114,7 @@ def load_schedule(path: str | Path, names: list[str] | None = None) -> ReplaySch
     return ReplaySchedule(rows, names)
 
 
-class LSTMLanguageModelModule(LanguageModelEvaluation, pl.LightningModule):
+class LSTMLanguageModelModule(LanguageModelEvaluation, CheckpointedGenerator, pl.LightningModule):
     """Plain LSTM language model with fixed or replayed regularization hyperparameters (manual optimization).
 
     Args:
@@ -182,22 +183,7 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, pl.LightningModule):
         self.seed = seed
         self.net = StnLSTMLanguageModel(vocab_size, embedding_size, hidden_size, num_layers, tie_weights, hdim=0)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self._rng: torch.Generator | None = None
-        self._rng_state: Tensor | None = None
         self._init_evaluation()
-
-    @property
-    def rng(self) -> torch.Generator:
-        """The module's generator on its device (every dropout mask); its state is saved in checkpoints."""
-        if self._rng is None or self._rng.device != self.device:
-            gen = torch.Generator(device=self.device)
-            if self._rng_state is not None:
-                gen.set_state(self._rng_state)
-                self._rng_state = None
-            else:
-                gen.manual_seed(self.seed)
-            self._rng = gen
-        return self._rng
 
     def current_values(self) -> dict[str, float]:
         """The hyperparameter values of the next φ-step (fixed, or from the replayed schedule)."""
@@ -262,7 +248,7 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("hyperlit", {})
-        if "rng_state" in state:
-            self._rng_state = state["rng_state"]
-            self._rng = None
+        if "state_dict" in checkpoint:  # another module or architecture: one clear error instead of load_state_dict's
+            check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)
+        self.restore_rng(state.get("rng_state"))
         self._load_lm_state(checkpoint)

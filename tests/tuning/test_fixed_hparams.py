@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hyperlit.checkpoint import CheckpointMismatchError
 from hyperlit.hparams import Hyperparameter
 from hyperlit.models.stn_cnn import StnMLP, StnSmallCNN
 from hyperlit.nn.stn import StnLayer
@@ -172,6 +173,10 @@ def test_step_counter_and_generator_survive_a_checkpoint(tmp_path: Path) -> None
     fresh.on_load_checkpoint(ckpt)
     assert int(fresh.steps) == 2
     torch.testing.assert_close(fresh.rng.get_state(), module.rng.get_state())
+    # a checkpoint of another architecture (plain=False keeps the STN layers) is refused with one clear error
+    other = FixedHyperparameterModule(_net(), values={**ZERO, "dropout1": 0.5}, plain=False)
+    with pytest.raises(CheckpointMismatchError, match="missing from the checkpoint"):
+        other.on_load_checkpoint(ckpt)
 
 
 def test_works_with_an_stn_mlp_and_the_unconverted_net() -> None:

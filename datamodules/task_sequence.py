@@ -201,9 +201,6 @@ class TaskSequenceDataModule(HyperlitDataModule):
         self.steps_per_task = steps_per_task
         self.epochs_per_task = epochs_per_task
         self.eval_size = eval_size
-        self._consumed_epoch = -1
-        self._consumed = 0
-        self._resume: tuple[int, int] | None = None
 
     # -- to implement ------------------------------------------------------------------------------
     def task_size(self, task: int, split: str) -> int:
@@ -283,21 +280,3 @@ class TaskSequenceDataModule(HyperlitDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per task over its test split."""
         return self._eval_loaders("test")
-
-    # -- resumable position --------------------------------------------------------------------------
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.training:
-            epoch = int(trainer.current_epoch)
-            if epoch != self._consumed_epoch:
-                self._consumed_epoch, self._consumed = epoch, 0
-                if self._resume is not None and self._resume[0] == epoch:
-                    self._consumed = self._resume[1]
-            self._consumed += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._consumed_epoch, "consumed_batches": self._consumed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = (int(state_dict["epoch"]), int(state_dict["consumed_batches"]))

@@ -1,7 +1,9 @@
 """Conventions shared by every hyperlit DataModule.
 
 * ``data_dir`` defaults to ``$HYPERLIT_DATA_DIR`` and falls back to ``~/.cache/hyperlit``.
-* Downloads happen only in :meth:`HyperlitDataModule.prepare_data` and only with ``download=True``.
+* Downloads happen only in :meth:`HyperlitDataModule.prepare_data` and only with ``download=True``, through
+  torchvision's downloaders (``torchvision.datasets.utils.download_url`` / ``download_and_extract_archive``, which
+  check the md5).
 * Missing files raise :class:`DatasetNotFoundError`, which names the files, the expected layout and the
   ``download`` option.
 * Splits are seeded (``split_seed``) so every process and every run sees the same partition.
@@ -16,16 +18,15 @@
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "ResumableDataLoader",
     "SeededRandomSampler",
     "default_data_dir",
-    "download_url",
     "seeded_split_indices",
 ]
 
@@ -78,27 +78,6 @@ def default_data_dir() -> str:
     if env:
         return env
     return str(Path("~/.cache/hyperlit").expanduser())
-
-
-def download_url(url: str, dest: str | Path, md5: str | None = None) -> Path:
-    """Download ``url`` to ``dest`` atomically (``.part`` file, then rename) and check ``md5`` if given."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as fh:
-            while chunk := response.read(1 << 20):
-                fh.write(chunk)
-    except OSError as err:  # URLError is an OSError
-        tmp.unlink(missing_ok=True)
-        raise ConnectionError(f"could not download {url} to {dest}: {err}") from err
-    if md5 is not None:
-        digest = hashlib.md5(tmp.read_bytes()).hexdigest()
-        if digest != md5:
-            tmp.unlink(missing_ok=True)
-            raise DataFormatError(f"md5 of {url} is {digest}, expected {md5}")
-    os.replace(tmp, dest)
-    return dest
 
 
 def seeded_split_indices(n: int, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
@@ -191,8 +170,24 @@ class ResumableDataLoader(DataLoader):
         resume(epoch, skip * int(self.batch_size or 1))
 
 
+def _serving_hyper_stream(train_dataloader: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A subclass's ``train_dataloader`` that adds the hyper stream when the model being fit asks for it."""
+
+    @functools.wraps(train_dataloader)
+    def combined(self: HyperlitDataModule) -> Any:
+        return self.with_hyper_stream(train_dataloader(self))
+
+    combined.serves_hyper_stream = True  # type: ignore[attr-defined]
+    return combined
+
+
 class HyperlitDataModule(pl.LightningDataModule):
     """Base class: data location, download flag and loader settings shared by all DataModules.
+
+    Every subclass's ``train_dataloader()`` serves ``{"train": ..., "hyper": ...}`` batches (``CombinedLoader``,
+    ``max_size_cycle``; hyper stream: ``hyper_dataloader()``, else ``val_dataloader()``) when the model being fit
+    trains hyperparameters on a held-out stream (its class attribute ``uses_hyper_stream``, see
+    :mod:`hyperlit.streams`), and plain batches otherwise.
 
     Args:
         data_dir: Folder that holds the data set's files. Defaults to ``$HYPERLIT_DATA_DIR``, else
@@ -204,6 +199,15 @@ class HyperlitDataModule(pl.LightningDataModule):
         pin_memory: Pin host memory for faster host-to-GPU copies.
         split_seed: Seed of the train/validation split (identical on every rank).
     """
+
+    #: the training loader serves the hyper stream to models with ``uses_hyper_stream`` (:mod:`hyperlit.streams`)
+    serves_hyper_stream: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        loader = vars(cls).get("train_dataloader")
+        if loader is not None and not getattr(loader, "serves_hyper_stream", False):
+            cls.train_dataloader = _serving_hyper_stream(loader)  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -250,6 +254,17 @@ class HyperlitDataModule(pl.LightningDataModule):
         if self._resume is not None:
             loader.resume(*self._resume)
         return loader
+
+    # -- the hyper stream ----------------------------------------------------------------------------
+    def with_hyper_stream(self, train: Any) -> Any:
+        """``train`` combined with the hyper stream when the model being fit uses one, else ``train`` itself."""
+        trainer = getattr(self, "trainer", None)
+        model = trainer.lightning_module if trainer is not None else None
+        if isinstance(train, (CombinedLoader, Mapping)) or not getattr(model, "uses_hyper_stream", False):
+            return train
+        hyper = getattr(self, "hyper_dataloader", None)
+        stream = hyper() if hyper is not None else self.val_dataloader()
+        return CombinedLoader({"train": train, "hyper": stream}, mode="max_size_cycle")
 
     # -- resumable position (see the module docstring) ------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

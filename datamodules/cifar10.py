@@ -1,27 +1,31 @@
-"""CIFAR-10 from the python-pickle batches (torchvision's on-disk format), read by our own loader.
+"""CIFAR-10 from the python-pickle batches, read with ``torchvision.datasets.CIFAR10``.
 
-Expected layout under ``data_dir``::
+Two layouts under ``data_dir`` are read (the first complete one wins)::
 
-    cifar10/cifar-10-batches-py/data_batch_1 … data_batch_5   (10,000 images each)
-    cifar10/cifar-10-batches-py/test_batch                    (10,000 images)
-    cifar10/cifar-10-batches-py/batches.meta
+    cifar-10-batches-py/data_batch_1 … data_batch_5, test_batch, batches.meta
+        torchvision's layout: what torchvision.datasets.CIFAR10(root=data_dir, download=True) writes, so an
+        existing torchvision download is used as it is
+    cifar10/cifar-10-batches-py/…   (the same files)
+        hyperlit's layout
 
 Splits (STN §5 / official ``cnn/datasets/loaders.py``): 80 % of the training images train the weights (40,000), the
 other 20 % (10,000) form the *hyper* split on which the hyperparameters are tuned (a seeded split); the official
 test batch is the test set. Images are returned as float tensors (3, 32, 32) in [0, 1], **not** normalised and not
 augmented: STN networks normalise internally and augment per example inside the training step.
 
-By default the full data set is expected and every file's md5 is checked against torchvision's values.
-``partial=True`` instead loads only ``data_batch_1`` and ``test_batch`` without checksum verification — this is how
-the reconstructed partial copy in the shared data folder is used (its checksums differ from the originals; see its
-README): 8,000 / 2,000 train / hyper images and the 10,000 test images.
+By default the full data set is expected and every file's md5 is checked against torchvision's values (torchvision's
+own ``CIFAR10`` refuses any other file). ``partial=True`` instead loads only ``data_batch_1`` and ``test_batch``
+without checksum verification: 8,000 / 2,000 train / hyper images and the 10,000 test images, e.g. for a
+reconstructed partial copy whose checksums differ from the originals. Each batch is read by a subclass of
+``torchvision.datasets.CIFAR10`` restricted to that one file (:class:`CIFAR10Batch`), after the DataModule has
+checked which files exist and, for the full set, their md5. ``download=True`` lets ``prepare_data`` fetch and unpack
+torchvision's archive (``download_and_extract_archive`` with its md5) into ``data_dir/cifar-10-batches-py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import pickle
-import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,67 +33,108 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import calculate_md5, download_and_extract_archive
 
-from datamodules.base import (
-    DataFormatError,
-    HyperlitDataModule,
-    download_url,
-    seeded_split_indices,
-)
+from datamodules.base import DataFormatError, DatasetNotFoundError, HyperlitDataModule, seeded_split_indices
 
-__all__ = ["CIFAR10_CLASSES", "CIFAR10DataModule", "CIFAR10Images", "load_cifar_batch"]
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10Batch",
+    "CIFAR10DataModule",
+    "CIFAR10Images",
+    "find_cifar10_folder",
+    "load_cifar_batch",
+]
 
-FOLDER = "cifar-10-batches-py"
-URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-TGZ_MD5 = "c58f30108f718f92721af3b95e74349a"
-TRAIN_FILES = {
-    "data_batch_1": "c99cafc152244af753f735de768cd75f",
-    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-    "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-}
-TEST_FILES = {"test_batch": "40351d587109b95175f43aff81a1287e"}
-META_FILES = {"batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
+FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
+ROOTS = (".", "cifar10")  # the folder holding FOLDER, relative to data_dir: torchvision's layout, then hyperlit's
+TRAIN_FILES: dict[str, str] = {name: md5 for name, md5 in CIFAR10.train_list}
+TEST_FILES: dict[str, str] = {name: md5 for name, md5 in CIFAR10.test_list}
+META_FILES: dict[str, str] = {CIFAR10.meta["filename"]: CIFAR10.meta["md5"]}
 PARTIAL_FILES = ("data_batch_1", "test_batch")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 LAYOUT = (
-    f"  cifar10/{FOLDER}/\n"
+    f"  {FOLDER}/   (torchvision's layout; torchvision.datasets.CIFAR10(root=data_dir, download=True) writes it)\n"
     + "".join(f"    {f}\n" for f in (*TRAIN_FILES, *TEST_FILES, *META_FILES))
+    + f"  or cifar10/{FOLDER}/ with the same files\n"
     + "  (partial=True needs only data_batch_1 and test_batch)"
 )
 
 
+def find_cifar10_folder(data_dir: str | Path, files: Sequence[str], dataset: str = "CIFAR-10") -> Path:
+    """The first ``cifar-10-batches-py`` folder of the two layouts under ``data_dir`` that holds all ``files``.
+
+    Raises:
+        DatasetNotFoundError: No folder is complete; names the files missing from the most complete one.
+    """
+    root = Path(data_dir)
+    best: list[str] | None = None
+    for rel in ROOTS:
+        folder = root / rel / FOLDER
+        missing = [str(Path(rel, FOLDER, f)) for f in files if not (folder / f).is_file()]
+        if not missing:
+            return folder
+        if best is None or len(missing) < len(best):
+            best = missing
+    raise DatasetNotFoundError(dataset, root, best or [], LAYOUT)
+
+
+class CIFAR10Batch(CIFAR10):
+    """``torchvision.datasets.CIFAR10`` reading one pickle batch file, with no md5 check and no ``batches.meta``.
+
+    ``data`` is (N, 32, 32, 3) uint8 (torchvision's HWC), ``targets`` a list of N labels, ``classes`` CIFAR-10's.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        self.base_folder = path.parent.name
+        self.train_list = [[path.name, None]]
+        self.test_list: list[list[Any]] = []
+        super().__init__(str(path.parent.parent), train=True, download=False)
+
+    def _load_meta(self) -> None:
+        self.classes = list(CIFAR10_CLASSES)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+_READ_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    KeyError,
+    TypeError,
+    ValueError,
+    IndexError,
+    AttributeError,
+    ImportError,
+)
+
+
 def load_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one pickle batch: (N, 3, 32, 32) uint8 images and (N,) int64 labels, with format checks."""
+    """Read one pickle batch with torchvision: (N, 3, 32, 32) uint8 images and (N,) int64 labels.
+
+    Raises:
+        DataFormatError: The file is truncated, not a CIFAR-10 batch, or its images and labels disagree.
+    """
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as err:
-        raise DataFormatError(f"{path}: not a readable CIFAR pickle batch ({err})") from err
-    if not isinstance(entry, dict):
-        raise DataFormatError(f"{path}: expected a dict, got {type(entry).__name__}")
-    entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-    if "data" not in entry or ("labels" not in entry and "fine_labels" not in entry):
-        raise DataFormatError(f"{path}: missing 'data'/'labels' keys (found {sorted(entry)})")
-    data = np.asarray(entry["data"])
-    labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataFormatError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+        batch = CIFAR10Batch(path)
+    except OSError as err:
+        raise DataFormatError(f"{path}: cannot read ({err})") from err
+    except _READ_ERRORS as err:
+        raise DataFormatError(
+            f"{path}: not a readable CIFAR-10 batch (truncated or corrupt?): expected a pickled dict with 'data' "
+            f"(uint8, shape (N, 3072)) and 'labels' (N ints); {type(err).__name__}: {err}"
+        ) from err
+    data = np.asarray(batch.data)
+    labels = np.asarray(batch.targets, dtype=np.int64)
+    if data.dtype != np.uint8:
+        raise DataFormatError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype}")
     if labels.shape != (data.shape[0],):
         raise DataFormatError(f"{path}: {data.shape[0]} images but {labels.shape[0]} labels")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DataFormatError(f"{path}: labels outside 0..9 (min {labels.min()}, max {labels.max()})")
-    return data.reshape(-1, 3, 32, 32), labels
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return np.ascontiguousarray(data.transpose(0, 3, 1, 2)), labels
 
 
 class CIFAR10Images(Dataset[tuple[Tensor, Tensor]]):
@@ -114,7 +159,7 @@ class CIFAR10DataModule(HyperlitDataModule):
     """CIFAR-10 with a train / hyper split of the training batches and the official test batch.
 
     Args:
-        partial: Load only ``data_batch_1`` and ``test_batch`` without md5 checks (the shared partial copy).
+        partial: Load only ``data_batch_1`` and ``test_batch`` without md5 checks (e.g. a reconstructed copy).
         hyper_fraction: Fraction of the training images held out for hyperparameter steps (paper: 0.2).
         verify_md5: Check the files of the full data set against torchvision's md5 values.
         hyper_batch_size: Batch size of the hyper stream (defaults to ``batch_size``).
@@ -141,52 +186,58 @@ class CIFAR10DataModule(HyperlitDataModule):
         self.hyper_batch_size = hyper_batch_size or self.batch_size
         self.save_hyperparameters()
 
-    @property
-    def root(self) -> Path:
-        return self.data_dir / "cifar10" / FOLDER
-
     def _required(self) -> dict[str, str]:
         if self.partial:
             return {f: "" for f in PARTIAL_FILES}
         return {**TRAIN_FILES, **TEST_FILES, **META_FILES}
 
-    def prepare_data(self) -> None:
-        if not self.download or self.partial:
-            return
-        if all((self.root / f).exists() for f in self._required()):
-            return
-        archive = download_url(URL, self.data_dir / "cifar10" / "cifar-10-python.tar.gz", md5=TGZ_MD5)
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(self.data_dir / "cifar10", filter="data")
+    def _find(self) -> Path:
+        name = "CIFAR-10" + (" (partial)" if self.partial else "")
+        return find_cifar10_folder(self.data_dir, list(self._required()), name)
 
-    def check_integrity(self) -> None:
-        """Raise :class:`DatasetNotFoundError` for missing files and :class:`DataFormatError` for md5 mismatches."""
-        required = self._required()
-        self.check_files(
-            "CIFAR-10" + (" (partial)" if self.partial else ""),
-            self.data_dir,
-            [f"cifar10/{FOLDER}/{f}" for f in required],
-            LAYOUT,
-        )
+    @property
+    def root(self) -> Path:
+        """The ``cifar-10-batches-py`` folder that is read (see the module docstring for the layouts)."""
+        return self._find()
+
+    def prepare_data(self) -> None:
+        """Check the files; with ``download=True`` fetch torchvision's archive into ``data_dir`` when missing."""
+        try:
+            self._find()
+        except DatasetNotFoundError:
+            if not self.download:
+                raise
+            download_and_extract_archive(
+                CIFAR10.url, str(self.data_dir), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
+            )
+            self._find()
+
+    def check_integrity(self) -> Path:
+        """The folder read; :class:`DatasetNotFoundError` for missing files, :class:`DataFormatError` for md5
+        mismatches of the full data set."""
+        folder = self._find()
         if self.partial or not self.verify_md5:
-            return
+            return folder
         bad = [
-            f"{f}: md5 {got}, expected {want}" for f, want in required.items() if (got := _md5(self.root / f)) != want
+            f"{f}: md5 {got}, expected {want}"
+            for f, want in self._required().items()
+            if (got := calculate_md5(folder / f)) != want
         ]
         if bad:
             raise DataFormatError(
-                "CIFAR-10 files do not match the original data set:\n  "
+                f"CIFAR-10 files in {folder} do not match the original data set:\n  "
                 + "\n  ".join(bad)
-                + "\nFor the reconstructed partial copy use partial=True (CLI: --data.partial true); to skip the check "
-                "for a full copy you trust, verify_md5=False."
+                + "\nFor a partial copy (data_batch_1 + test_batch) use partial=True (CLI: --data.partial true); to "
+                "skip the check for a full copy you trust, verify_md5=False."
             )
+        return folder
 
     def setup(self, stage: str | None = None) -> None:
         if getattr(self, "train_set", None) is not None:
             return
-        self.check_integrity()
+        folder = self.check_integrity()
         train_files = ["data_batch_1"] if self.partial else list(TRAIN_FILES)
-        parts = [load_cifar_batch(self.root / f) for f in train_files]
+        parts = [load_cifar_batch(folder / f) for f in train_files]
         x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         train_idx, hyper_idx = seeded_split_indices(
@@ -194,7 +245,7 @@ class CIFAR10DataModule(HyperlitDataModule):
         )
         self.train_set = CIFAR10Images(x[train_idx], y[train_idx])
         self.hyper_set = CIFAR10Images(x[hyper_idx], y[hyper_idx])
-        tx, ty = load_cifar_batch(self.root / "test_batch")
+        tx, ty = load_cifar_batch(folder / "test_batch")
         self.test_set = CIFAR10Images(torch.from_numpy(tx), torch.from_numpy(ty))
 
     def train_dataloader(self) -> DataLoader:

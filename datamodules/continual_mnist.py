@@ -1,8 +1,8 @@
 """PermutedMNIST and SplitMNIST task sequences (von Oswald et al. 2020; van de Ven & Tolias 2019).
 
-Both read LeCun's IDX files through :func:`datamodules.mnist.load_mnist` (layout ``data_dir/mnist/*-ubyte.gz``),
-keep the images once as uint8 tensors and build each batch by tensor indexing; see
-:mod:`datamodules.task_sequence` for how a sequence runs in one ``fit``.
+Both read LeCun's IDX files through :func:`datamodules.mnist.load_mnist` (torchvision's ``MNIST/raw/`` or
+hyperlit's ``mnist/`` under ``data_dir``, see :mod:`datamodules.mnist`), keep the images once as uint8 tensors and
+build each batch by tensor indexing; see :mod:`datamodules.task_sequence` for how a sequence runs in one ``fit``.
 """
 
 from __future__ import annotations

@@ -1,27 +1,40 @@
-"""MNIST from LeCun's IDX files (``.gz`` or raw), the reader shared by every MNIST-based DataModule.
+"""MNIST from LeCun's IDX files, read with torchvision's IDX reader; shared by every MNIST-based DataModule.
 
-Expected layout under ``data_dir``::
+Two layouts under ``data_dir`` are read (the first complete one wins); each file may be raw or ``.gz``::
 
-    mnist/train-images-idx3-ubyte.gz   (or without .gz)
+    MNIST/raw/train-images-idx3-ubyte       torchvision's layout: what torchvision.datasets.MNIST(root=data_dir,
+    MNIST/raw/train-labels-idx1-ubyte       download=True) writes, so an existing torchvision download is used
+    MNIST/raw/t10k-images-idx3-ubyte        as it is
+    MNIST/raw/t10k-labels-idx1-ubyte
+
+    mnist/train-images-idx3-ubyte.gz        hyperlit's flat layout: the four files as LeCun distributes them
     mnist/train-labels-idx1-ubyte.gz
     mnist/t10k-images-idx3-ubyte.gz
     mnist/t10k-labels-idx1-ubyte.gz
+
+Files are parsed by ``torchvision.datasets.mnist.read_image_file`` / ``read_label_file``; those read only
+uncompressed files, so a ``.gz`` file is first decompressed (``torchvision.datasets.utils.extract_archive``) into a
+temporary folder that is deleted right after (``data_dir`` may be read-only). No checksum is verified when reading:
+re-compressed ``.gz`` wrappers of the original bytes are common. ``download=True`` lets ``prepare_data`` call
+``torchvision.datasets.MNIST(download=True)``, which fetches the four files into ``MNIST/raw/`` with md5 checks.
 """
 
 from __future__ import annotations
 
-import gzip
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.datasets import MNIST
+from torchvision.datasets.mnist import read_image_file, read_label_file
+from torchvision.datasets.utils import extract_archive
 
-from datamodules.base import DataFormatError, DatasetNotFoundError, HyperlitDataModule, download_url
+from datamodules.base import DataFormatError, DatasetNotFoundError, HyperlitDataModule
 
-__all__ = ["MNISTDataModule", "load_mnist", "read_idx"]
+__all__ = ["MNIST_FOLDERS", "MNISTDataModule", "find_mnist_folder", "load_mnist", "read_mnist_file"]
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -29,57 +42,96 @@ MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-MNIST_LAYOUT = "  mnist/\n" + "".join(f"    {f}.gz  (or uncompressed)\n" for f in MNIST_FILES.values())
+MNIST_FOLDERS = ("MNIST/raw", "mnist")  # torchvision's layout, then hyperlit's
+MNIST_LAYOUT = (
+    "  MNIST/raw/   (torchvision's layout; torchvision.datasets.MNIST(root=data_dir, download=True) writes it)\n"
+    + "".join(f"    {f}\n" for f in MNIST_FILES.values())
+    + "  or mnist/\n"
+    + "".join(f"    {f}.gz\n" for f in MNIST_FILES.values())
+    + "  (in either folder each file may be raw or .gz)"
+)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed) into a numpy array, checking its header and size."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as fh:
-            data = fh.read()
-    except (OSError, EOFError) as err:
-        raise DataFormatError(f"{path}: cannot read ({err})") from err
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataFormatError(f"{path}: not an IDX file (bad magic number {data[:4]!r})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise DataFormatError(
-            f"{path}: header says shape {dims} ({expected} bytes) but the file holds {len(data) - header} bytes "
-            "(truncated or corrupt)"
-        )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-
-
-def _find(root: Path, stem: str) -> Path | None:
-    for name in (stem + ".gz", stem):
-        if (root / name).exists():
-            return root / name
+def _find_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):  # the raw file first: no decompression needed
+        if (folder / name).is_file():
+            return folder / name
     return None
 
 
+def find_mnist_folder(data_dir: str | Path) -> Path:
+    """The first folder of :data:`MNIST_FOLDERS` under ``data_dir`` that holds all four files.
+
+    Raises:
+        DatasetNotFoundError: No folder is complete; names the files missing from the most complete one.
+    """
+    root = Path(data_dir)
+    best: list[str] | None = None
+    for rel in MNIST_FOLDERS:
+        suffix = "" if rel == MNIST_FOLDERS[0] else ".gz"  # how each layout usually stores them (both are read)
+        missing = [f"{rel}/{stem}{suffix}" for stem in MNIST_FILES.values() if _find_file(root / rel, stem) is None]
+        if not missing:
+            return root / rel
+        if best is None or len(missing) < len(best):
+            best = missing
+    raise DatasetNotFoundError("MNIST", root, best or [], MNIST_LAYOUT)
+
+
+def _idx_error(path: Path, raw: Path, err: Exception) -> DataFormatError:
+    head = b""
+    if raw.is_file():
+        with open(raw, "rb") as fh:
+            head = fh.read(4)
+    if len(head) < 4 or head[:2] != b"\x00\x00" or not 0x08 <= head[2] <= 0x0E or not 1 <= head[3] <= 3:
+        return DataFormatError(f"{path}: not an IDX file (bad magic number {head!r})")
+    return DataFormatError(f"{path}: header and size do not match (truncated or corrupt file: {err})")
+
+
+def _read_raw(path: Path, raw: Path, kind: Literal["images", "labels"]) -> Tensor:
+    reader = read_image_file if kind == "images" else read_label_file
+    try:
+        return reader(str(raw))
+    except OSError as err:
+        raise DataFormatError(f"{path}: cannot read ({err})") from err
+    except (AssertionError, KeyError, RuntimeError) as err:  # torchvision's checks of magic number and size
+        raise _idx_error(path, raw, err) from err
+    except (TypeError, ValueError) as err:  # wrong dtype or number of dimensions for `kind`
+        raise DataFormatError(f"{path}: not an MNIST {kind} file ({err})") from err
+
+
+def read_mnist_file(path: str | Path, kind: Literal["images", "labels"]) -> Tensor:
+    """One IDX file (raw or ``.gz``) read by torchvision: images (N, H, W) uint8 or labels (N,) int64.
+
+    Raises:
+        DataFormatError: The file is not a gzip/IDX file of that kind, or is truncated (names the file).
+    """
+    path = Path(path)
+    if path.suffix != ".gz":
+        return _read_raw(path, path, kind)
+    with tempfile.TemporaryDirectory(prefix="hyperlit-mnist-") as tmp:
+        try:
+            raw = Path(extract_archive(str(path), tmp))
+        except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError; EOFError: truncated .gz
+            raise DataFormatError(f"{path}: cannot decompress ({err})") from err
+        return _read_raw(path, raw, kind)
+
+
 def load_mnist(data_dir: str | Path, train: bool) -> tuple[Tensor, Tensor]:
-    """Images (N, 28, 28) uint8 and labels (N,) int64 of the train or test split."""
-    root = Path(data_dir) / "mnist"
-    keys = ("train_images", "train_labels") if train else ("test_images", "test_labels")
-    paths = [_find(root, MNIST_FILES[k]) for k in keys]
-    missing = [MNIST_FILES[k] + ".gz" for k, p in zip(keys, paths) if p is None]
-    if missing:
-        raise DatasetNotFoundError("MNIST", root.parent, [f"mnist/{m}" for m in missing], MNIST_LAYOUT)
-    images, labels = (read_idx(p) for p in paths)  # type: ignore[arg-type]
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(images) != len(labels):
+    """Images (N, 28, 28) uint8 and labels (N,) int64 of the train or test split (layouts: module docstring)."""
+    folder = find_mnist_folder(data_dir)
+    prefix = "train" if train else "test"
+    images_path = _find_file(folder, MNIST_FILES[f"{prefix}_images"])
+    labels_path = _find_file(folder, MNIST_FILES[f"{prefix}_labels"])
+    assert images_path is not None and labels_path is not None  # find_mnist_folder checked
+    images = read_mnist_file(images_path, "images")
+    labels = read_mnist_file(labels_path, "labels")
+    if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise DataFormatError(
-            f"MNIST in {root}: images {images.shape} and labels {labels.shape} do not form an (N, 28, 28) / (N,) pair"
+            f"MNIST in {folder}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not form an "
+            "(N, 28, 28) / (N,) pair"
         )
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+    return images, labels
 
 
 class MNISTDataModule(HyperlitDataModule):
@@ -119,15 +171,14 @@ class MNISTDataModule(HyperlitDataModule):
         self.input_dim = 784
 
     def prepare_data(self) -> None:
-        root = self.data_dir / "mnist"
-        if all(_find(root, f) for f in MNIST_FILES.values()):
-            return
-        if not self.download:
-            missing = [f"mnist/{f}.gz" for f in MNIST_FILES.values() if _find(root, f) is None]
-            raise DatasetNotFoundError("MNIST", self.data_dir, missing, MNIST_LAYOUT)
-        for f in MNIST_FILES.values():
-            if _find(root, f) is None:
-                download_url(MNIST_URL + f + ".gz", root / (f + ".gz"))
+        """Check the files; with ``download=True`` let torchvision fetch missing ones into ``MNIST/raw/``."""
+        try:
+            find_mnist_folder(self.data_dir)
+        except DatasetNotFoundError:
+            if not self.download:
+                raise
+            MNIST(str(self.data_dir), train=False, download=True)  # torchvision: mirrors + md5 of every .gz
+            find_mnist_folder(self.data_dir)
 
     def _to_float(self, images: Tensor) -> Tensor:
         x = images.float() / 255.0

@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+from torchvision.datasets.utils import download_url
 
-from datamodules.base import DataFormatError, DatasetNotFoundError, HyperlitDataModule, download_url
+from datamodules.base import DataFormatError, DatasetNotFoundError, HyperlitDataModule
 
 __all__ = [
     "EOS",
@@ -335,8 +336,14 @@ class PTBDataModule(HyperlitDataModule):
             return
         if not self.download:
             raise DatasetNotFoundError("Penn Treebank", self.data_dir, [f"ptb/{m}" for m in missing], PTB_LAYOUT)
-        for name in missing:
-            download_url(PTB_URL + name, self.root / name, md5=PTB_MD5[name])
+        for name in missing:  # torchvision's downloader; it checks the md5 and raises RuntimeError on a mismatch
+            try:
+                download_url(PTB_URL + name, str(self.root), filename=name, md5=PTB_MD5[name])
+            except (RuntimeError, OSError) as err:  # it writes in place: never leave a partial or corrupt file
+                (self.root / name).unlink(missing_ok=True)
+                if isinstance(err, OSError):  # URLError is an OSError
+                    raise ConnectionError(f"could not download {PTB_URL + name}: {err}") from err
+                raise DataFormatError(f"downloading {PTB_URL + name}: {err} (expected md5 {PTB_MD5[name]})") from err
 
     # -- loading -------------------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:

@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.datasets.utils import download_url
 
-from datamodules.base import DataFormatError, HyperlitDataModule, download_url, seeded_split_indices
+from datamodules.base import DataFormatError, HyperlitDataModule, seeded_split_indices
 
 __all__ = ["AdultDataModule", "BankDataModule", "DefaultDataModule", "TabularFairnessDataModule", "encode_features"]
 
@@ -253,10 +254,16 @@ class AdultDataModule(TabularFairnessDataModule):
     def files(self) -> list[str]:
         return ["adult.data", "adult.test"]
 
-    def _download(self, missing: Sequence[str]) -> None:  # pragma: no cover - needs internet
-        for f in missing:
+    def _download(self, missing: Sequence[str]) -> None:
+        for f in missing:  # torchvision's downloader; it checks the md5 and raises RuntimeError on a mismatch
             url, md5 = self.urls[f]
-            download_url(url, self.root / f, md5)
+            try:
+                download_url(url, str(self.root), filename=f, md5=md5)
+            except (RuntimeError, OSError) as err:  # it writes in place: never leave a partial or corrupt file
+                (self.root / f).unlink(missing_ok=True)
+                if isinstance(err, OSError):  # URLError is an OSError
+                    raise ConnectionError(f"could not download {url}: {err}") from err
+                raise DataFormatError(f"downloading {url}: {err} (expected md5 {md5})") from err
 
     def _read_one(self, path: Path) -> pd.DataFrame:
         with open(path, encoding="utf-8") as fh:

@@ -17,8 +17,11 @@ How a task sequence runs under Lightning (the design every continual DataModule 
 * Validation/test loaders: one loader per task (``dataloader_idx`` = task), over the task's validation split
   (or its test split when ``val_size == 0``, the papers' protocol) and test split.
 
-Under DDP (tested in tests/distributed/test_ddp_continual.py) the training sampler must not be replaced by Lightning's: use
-``Trainer(use_distributed_sampler=False)``; the sampler then gives each rank its slice of every global batch.
+Under DDP (tested in tests/distributed/test_ddp_continual.py) the training sampler must not be replaced by
+Lightning's: use ``Trainer(use_distributed_sampler=False)``; the sampler then gives each rank its slice of every
+global batch. Each task's evaluation split is sharded without padding (:class:`EvalShardSampler`: rank r takes
+examples r, r + W, …), so the ranks together see every example exactly once and the module's summed metrics are
+those of the whole split.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from datamodules.base import HyperlitDataModule
 
-__all__ = ["TaskScheduleSampler", "TaskSequenceDataModule", "TaskSequenceDataset"]
+__all__ = ["EvalShardSampler", "TaskScheduleSampler", "TaskSequenceDataModule", "TaskSequenceDataset"]
 
 _STRIDE = 1 << 40  # encoded training index = task * _STRIDE + example index
 
@@ -164,6 +167,26 @@ class TaskScheduleSampler(Sampler[int]):
         return iter((out + task * _STRIDE).tolist())
 
 
+class EvalShardSampler(DistributedSampler):
+    """Rank ``rank`` of ``num_replicas`` takes examples ``rank, rank + W, …`` in order: no padding, no shuffling.
+
+    Unlike ``DistributedSampler`` (which repeats examples to even out the shards), every example is evaluated
+    exactly once over all ranks; shards differ by at most one example. Being a ``DistributedSampler``, Lightning
+    leaves it in place whatever ``use_distributed_sampler`` says.
+    """
+
+    def __init__(self, dataset: Dataset[Any], num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class TaskSequenceDataModule(HyperlitDataModule):
     """Base class of continual-learning DataModules (see the module docstring for the schedule).
 
@@ -255,15 +278,20 @@ class TaskSequenceDataModule(HyperlitDataModule):
         )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
+        world, rank = self._world()
         loaders = []
         for t in range(self.num_tasks):
             ds: Dataset[Any] = TaskSequenceDataset(self, split, task=t)
             if self.eval_size is not None and len(ds) > self.eval_size:  # type: ignore[arg-type]
                 ds = torch.utils.data.Subset(ds, range(self.eval_size))
+            # under DDP each rank evaluates its shard (a split smaller than the world is evaluated whole by every
+            # rank: per-task ratios of summed counts are the same, and every rank runs the same loaders)
+            shard = world > 1 and len(ds) >= world  # type: ignore[arg-type]
             loaders.append(
                 DataLoader(
                     ds,
                     batch_size=self.eval_batch_size,
+                    sampler=EvalShardSampler(ds, world, rank) if shard else None,
                     shuffle=False,
                     collate_fn=_identity,
                     num_workers=self.num_workers,

@@ -20,7 +20,8 @@ phases:
 
 from __future__ import annotations
 
-import pickle
+import inspect
+import io
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,6 +41,45 @@ __all__ = ["CHECKPOINT_KEY", "HyperlitModule"]
 CHECKPOINT_KEY = "hyperlit"
 
 _STAGES = ("train", "val", "test")
+
+
+class _InitDefault:
+    """A picklable reference to the default value of argument ``name`` of ``owner.__init__`` (a lambda factory)."""
+
+    def __init__(self, owner: type, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def resolve(self) -> Any:
+        return inspect.signature(self.owner.__init__).parameters[self.name].default
+
+
+def _init_defaults(cls: type) -> dict[int, _InitDefault]:
+    """``id(default) -> reference`` for every callable ``__init__`` default in ``cls``'s MRO."""
+    out: dict[int, _InitDefault] = {}
+    for owner in cls.__mro__:
+        init = owner.__dict__.get("__init__")
+        if init is None or owner is object:
+            continue
+        try:
+            params = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            continue
+        for name, param in params.items():
+            if callable(param.default) and getattr(param.default, "__name__", "") == "<lambda>":
+                out.setdefault(id(param.default), _InitDefault(owner, name))
+    return out
+
+
+def _survives_weights_only_load(value: Any) -> bool:
+    """Whether ``value`` can go into a checkpoint that ``torch.load(weights_only=True)`` reads back."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(value, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:
+        return False
+    return True
 
 
 class HyperlitModule(pl.LightningModule):
@@ -123,15 +163,24 @@ class HyperlitModule(pl.LightningModule):
         return self._generators[name]
 
     def __getstate__(self) -> dict[str, Any]:
-        """Generators travel as their state bytes: ``ddp_spawn``'s shared-memory pickler cannot rebuild them."""
+        """Generators travel as their state bytes: ``ddp_spawn``'s shared-memory pickler cannot rebuild them.
+
+        Attributes that are the (unpicklable) lambda defaults of an ``__init__`` argument, e.g. a default optimizer
+        factory, travel as a reference to that default and are looked up again on the other side.
+        """
         state = self.__dict__.copy()
         state["_generators"] = {k: bytes(g.get_state().numpy()) for k, g in self._generators.items()}
         if self._rng is not None:
             state["_rng_state"] = self._rng.get_state().cpu()
         state["_rng"] = None
+        defaults = _init_defaults(type(self))
+        for key, value in state.items():
+            if callable(value) and id(value) in defaults:
+                state[key] = defaults[id(value)]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = {k: v.resolve() if isinstance(v, _InitDefault) else v for k, v in state.items()}
         gens = {}
         for name, raw in state.get("_generators", {}).items():
             gen = torch.Generator()
@@ -142,13 +191,12 @@ class HyperlitModule(pl.LightningModule):
     # -- hyperparameters -----------------------------------------------------------------------------------
     @override
     def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:
-        """Lightning's ``save_hyperparameters``, minus values that cannot be pickled into a checkpoint.
+        """Lightning's ``save_hyperparameters``, minus values a weights-only checkpoint load cannot read back.
 
-        Optimizer factories given in Python (``lambda p: torch.optim.SGD(p, ...)``, the defaults) are not saved:
+        Optimizer factories given in Python (``lambda p: torch.optim.SGD(p, ...)``, ``functools.partial``, the
+        defaults) are not saved:
         give them again to ``load_from_checkpoint``. Under ``hyperlit``'s CLI they are saved as their config.
         """
-        import inspect
-
         if frame is None:
             current = inspect.currentframe()
             frame = current.f_back if current is not None else None
@@ -157,9 +205,7 @@ class HyperlitModule(pl.LightningModule):
             if store is None:
                 continue
             for key in list(store.keys()):
-                try:
-                    pickle.dumps(store[key])
-                except Exception:  # lambdas, local functions, open handles
+                if not _survives_weights_only_load(store[key]):  # lambdas, partials, local functions, handles
                     del store[key]
 
     # -- optimizers ------------------------------------------------------------------------------------------

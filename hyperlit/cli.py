@@ -1,8 +1,15 @@
-"""``hyperlit`` command line: a ``LightningCLI`` over every hyperlit LightningModule and DataModule.
+"""``hyperlit`` command line: a ``LightningCLI`` over every hyperlit module and every LightningDataModule.
 
-Modules and DataModules are found by importing every submodule of ``hyperlit`` and ``datamodules``, so a new
-module is listed by ``hyperlit fit --help`` without any registration. A user's own classes can be named by
-import path (``--model my_pkg.MyModule``).
+:class:`HyperlitCLI` takes models that subclass :class:`~hyperlit.base.HyperlitModule` and any
+``LightningDataModule`` (subclass mode). Modules and DataModules are found by importing every submodule of
+``hyperlit`` and ``datamodules``, so a new module is listed by ``hyperlit fit --help`` without any registration. A
+user's own classes can be named by import path (``--model my_pkg.MyModule``). The modules own their optimizers:
+each takes one ``OptimizerCallable`` per parameter group (``--model.phi_optimizer torch.optim.AdamW
+--model.phi_optimizer.lr 3e-4``), so there is no ``--optimizer``/``--lr_scheduler``.
+
+A model that trains hyperparameters on a held-out stream (``uses_hyper_stream``, the tuning modules) given a
+DataModule that does not serve that stream itself (a user's plain train/val DataModule) gets the DataModule
+wrapped in :class:`~hyperlit.streams.HyperStreamDataModule`: its validation loader becomes the hyper stream.
 
 Fault tolerance (README, "Fault tolerance"): checkpoints are written atomically
 (:class:`hyperlit.checkpoint_io.AtomicCheckpointIO`, unless a ``CheckpointIO`` plugin is given), ``fit`` keeps a
@@ -18,11 +25,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
+from hyperlit.base import HyperlitModule
 from hyperlit.checkpoint_io import find_last_checkpoint, use_atomic_checkpoint_io
+from hyperlit.streams import HyperStreamDataModule, serves_hyper_stream, uses_hyper_stream
 
 __all__ = ["HyperlitCLI", "import_all", "main"]
 
@@ -40,9 +51,32 @@ def import_all(packages: Sequence[str] = _PACKAGES) -> None:
 
 
 class HyperlitCLI(LightningCLI):
-    """LightningCLI in subclass mode; our modules own their optimizers (``auto_configure_optimizers=False``)."""
+    """LightningCLI bound to :class:`~hyperlit.base.HyperlitModule` and ``LightningDataModule`` in subclass mode.
 
-    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+    The modules own their optimizers (``auto_configure_optimizers=False``); ``fit`` keeps a ``last.ckpt``, writes
+    checkpoints atomically, resolves ``--ckpt_path last``, takes ``--init_from`` and wraps a plain DataModule for
+    modules that use a hyper stream. Every ``LightningCLI`` argument can be given (``args``, ``run``, ...).
+
+    Args:
+        model_class: The models' base class (subclass mode: any subclass, by class path).
+        datamodule_class: The DataModules' base class.
+        **kwargs: Further ``LightningCLI`` arguments.
+    """
+
+    def __init__(
+        self,
+        model_class: type[pl.LightningModule] = HyperlitModule,
+        datamodule_class: type[pl.LightningDataModule] = pl.LightningDataModule,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(model_class, datamodule_class, **kwargs)
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--init_from",
             type=str | None,
@@ -51,6 +85,19 @@ class HyperlitCLI(LightningCLI):
             "use --ckpt_path to resume a run instead.",
         )
 
+    @override
+    def instantiate_classes(self) -> None:
+        """Instantiate, then give a hyper-stream model a DataModule that serves the stream (see module docstring)."""
+        super().instantiate_classes()
+        if (
+            self.subcommand in (None, "fit")
+            and self.datamodule is not None
+            and uses_hyper_stream(self.model)
+            and not serves_hyper_stream(self.datamodule)
+        ):
+            self.datamodule = HyperStreamDataModule(self.datamodule)
+
+    @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, plus a ``last.ckpt``-keeping ``ModelCheckpoint`` (``fit``) and atomic checkpoint writes."""
         config = self._get(self.config_init, "trainer", default={})
@@ -65,6 +112,7 @@ class HyperlitCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        """``--ckpt_path last`` across versions, and ``--init_from``'s weights."""
         if self.config_init[self.subcommand].get("ckpt_path") == "last":
             # Lightning looks only in this run's (new) version folder; resume the newest last.ckpt of the log root
             last = find_last_checkpoint(self.trainer)
@@ -79,18 +127,8 @@ class HyperlitCLI(LightningCLI):
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``hyperlit`` console script and ``python -m hyperlit``."""
-    import lightning.pytorch as pl
-
     import_all()
-    HyperlitCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=list(args) if args is not None else None,
-    )
+    HyperlitCLI(args=list(args) if args is not None else None)
 
 
 if __name__ == "__main__":  # pragma: no cover

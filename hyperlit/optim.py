@@ -63,7 +63,9 @@ def build_optimizer(
         raise TypeError(f"{name} must build a torch.optim.Optimizer from parameters, got {type(opt).__name__}")
     if fuse and _fusable(opt):
         groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups]
-        defaults = {k: v for k, v in opt.defaults.items() if k not in ("fused", "foreach")}
+        accepted = inspect.signature(type(opt).__init__).parameters
+        # ``defaults`` can hold keys the constructor does not take (AdamW's ``decoupled_weight_decay``)
+        defaults = {k: v for k, v in opt.defaults.items() if k in accepted and k not in ("fused", "foreach")}
         # a device or dtype without a fused kernel keeps the original
         with contextlib.suppress(RuntimeError, ValueError, TypeError):
             opt = type(opt)(groups, **defaults, fused=True)

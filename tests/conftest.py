@@ -25,3 +25,30 @@ def real_data_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def make_trainer(tmp_path: Path):
+    """A factory of CPU Trainers for tests: no logger, checkpoints, progress bar, summary or sanity check.
+
+    ``make_trainer(max_epochs=2, logger=True)``: keyword arguments override the defaults; ``default_root_dir`` is the
+    test's ``tmp_path``.
+    """
+    import lightning.pytorch as pl
+
+    def build(**overrides: object) -> pl.Trainer:
+        kwargs: dict[str, object] = dict(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=tmp_path,
+        )
+        kwargs.update(overrides)
+        return pl.Trainer(**kwargs)  # type: ignore[arg-type]
+
+    return build

@@ -5,9 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, ClassVar
 
+import lightning.pytorch as pl
 import pytest
+import torch
 import yaml
+from torch.utils.data import DataLoader, TensorDataset
 
 from hyperlit.cli import main
 
@@ -72,3 +76,90 @@ def test_datamodule_on_empty_directory_is_a_clear_error(tmp_path) -> None:
     assert "DatasetNotFoundError" in result.stderr
     assert "train-images-idx3-ubyte.gz" in result.stderr
     assert "download=True" in result.stderr
+
+
+def test_cli_is_bound_to_the_hyperlit_base_and_exported() -> None:
+    import hyperlit
+    from hyperlit.base import HyperlitModule
+    from hyperlit.cli import HyperlitCLI
+
+    assert hyperlit.HyperlitCLI is HyperlitCLI and hyperlit.HyperlitModule is HyperlitModule
+    cli = HyperlitCLI(args=["--config", str(QUICKSTART), "--trainer.logger", "false"], run=False)
+    assert cli.model_class is HyperlitModule and cli.subclass_mode_model and cli.subclass_mode_data
+    assert isinstance(cli.model, HyperlitModule)
+
+
+def test_optimizer_given_on_the_command_line(capsys) -> None:
+    """``--model.phi_optimizer torch.optim.AdamW --model.phi_optimizer.lr 3e-4`` replaces the YAML's SGD, and an
+    ``.lr`` alone edits the configured optimizer; ``--print_config`` shows both."""
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit", "--config", str(QUICKSTART), "--model.phi_optimizer", "torch.optim.AdamW",
+                "--model.phi_optimizer.lr", "3e-4", "--model.hyper_optimizer.lr", "0.01", "--print_config",
+            ]
+        )  # fmt: skip
+    init = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert init["phi_optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert init["phi_optimizer"]["init_args"]["lr"] == 3e-4
+    assert init["hyper_optimizer"] == {
+        "class_path": "torch.optim.Adam",
+        "init_args": init["hyper_optimizer"]["init_args"],
+    }
+    assert init["hyper_optimizer"]["init_args"]["lr"] == 0.01
+    assert init["sigma_optimizer"]["init_args"]["lr"] == 0.03  # the YAML's
+
+
+class Record(pl.Callback):
+    """Remembers what the CLI handed to the Trainer (for the tests of this file)."""
+
+    seen: ClassVar[dict[str, Any]] = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        Record.seen.update(
+            datamodule=trainer.datamodule,
+            optimizers=list(trainer.optimizers),
+            hyper_steps=int(pl_module.hyper_steps_done),
+        )
+
+
+class PlainTrainVal(pl.LightningDataModule):
+    """A user's DataModule with only train/val loaders (64 features, 10 classes, like the quickstart's digits)."""
+
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def setup(self, stage: str) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.rand(96, 64, generator=g), torch.randint(0, 10, (96,), generator=g)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x[:64], self.y[:64]), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x[64:], self.y[64:]), batch_size=self.batch_size)
+
+
+def test_fit_with_another_optimizer_and_a_plain_datamodule(tmp_path) -> None:
+    """The acceptance run: the quickstart with AdamW for φ, one epoch, on a user's train/val DataModule, which
+    ``hyperlit fit`` wraps so that its validation loader serves the λ-steps."""
+    from hyperlit.streams import HyperStreamDataModule
+
+    Record.seen.clear()
+    main(
+        [
+            "fit", "--config", str(QUICKSTART), "--model.phi_optimizer", "torch.optim.AdamW",
+            "--model.warmup_epochs", "0", "--model.warmup_steps", "2", "--data", f"{__name__}.PlainTrainVal",
+            "--data.batch_size", "16",
+            "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+", f"{__name__}.Record",
+        ]
+    )  # fmt: skip
+    dm = Record.seen["datamodule"]
+    assert isinstance(dm, HyperStreamDataModule) and isinstance(dm.datamodule, PlainTrainVal)
+    phi, lam, sigma = Record.seen["optimizers"]
+    assert (
+        isinstance(phi, torch.optim.AdamW) and isinstance(lam, torch.optim.Adam) and isinstance(sigma, torch.optim.Adam)
+    )
+    assert Record.seen["hyper_steps"] == 1  # 4 batches: 2 warm-up φ-steps, then T_train=2 : T_val=1

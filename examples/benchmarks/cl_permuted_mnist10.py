@@ -85,12 +85,19 @@ PUBLISHED_SETTINGS = (
 # -- configuration ------------------------------------------------------------------------------------------------
 def target_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Target network shared by every learner: multi-head MLP, one 10-way head per task."""
-    return dict(num_tasks=args.tasks, input_dim=1024, output_dim=10, hidden=tuple(args.hidden), lr=args.lr)
+    return dict(num_tasks=args.tasks, input_dim=1024, output_dim=10, hidden=tuple(args.hidden))
+
+
+def adam(args: argparse.Namespace) -> Callable[[Any], torch.optim.Optimizer]:
+    """Adam with the benchmark's learning rate (every learner, every parameter group)."""
+    return lambda params: torch.optim.Adam(params, lr=args.lr)
 
 
 def hnet_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Hypernetwork sizes (official code's PermutedMNIST "small capacity" branch) and β."""
+    """Hypernetwork sizes (official code's PermutedMNIST "small capacity" branch), β and the two optimizers."""
     return dict(
+        hnet_optimizer=adam(args),
+        emb_optimizer=adam(args),
         heads="multihead",
         hnet_hidden=tuple(args.hnet_hidden),
         chunk_size=args.chunk_size,
@@ -201,7 +208,9 @@ def hyperlit_learner(args: argparse.Namespace, seed: int, dm: PermutedMNISTDataM
 
 def ewc_learner(args: argparse.Namespace, seed: int, dm: PermutedMNISTDataModule, lam: float) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
-    model = EWCContinualModule(**target_kwargs(args), heads="multihead", ewc_lambda=lam, ewc_gamma=1.0)
+    model = EWCContinualModule(
+        **target_kwargs(args), heads="multihead", ewc_lambda=lam, ewc_gamma=1.0, optimizer=adam(args)
+    )
     return run_module(model, dm)
 
 

@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     args.tasks, args.steps = (3, 100) if args.quick else (5, 500)
     torch.set_num_threads(args.threads)
-    common = dict(num_tasks=args.tasks, input_dim=784, output_dim=10, hidden=(100, 100), lr=1e-3)
+    common = dict(num_tasks=args.tasks, input_dim=784, output_dim=10, hidden=(100, 100))  # default Adam(1e-3)
     hnet = dict(hnet_hidden=(100, 100), chunk_size=2000, emb_dim=8, hnet_out_init_std=0.01)
     learners = {
         "hypernetwork (beta=0.05)": lambda: HyperContinualModule(**common, **hnet, beta=0.05),

@@ -67,6 +67,11 @@ PAPER = {
 Results = dict[str, dict[str, dict[str, dict[str, Any]]]]  # dataset → method → str(seed) → figures
 
 
+def _adam(lr: float) -> Callable[[Any], torch.optim.Optimizer]:
+    """The modules' ``optimizer`` argument: Adam over their parameters at ``lr``."""
+    return lambda params: torch.optim.Adam(params, lr=lr)
+
+
 def _trainer(args: argparse.Namespace) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=args.epochs,
@@ -99,7 +104,7 @@ def run_dataset(name: str, seed: int, args: argparse.Namespace, record: Callable
     """Train and evaluate the four methods on one data set with one seed; ``record(method, figures)`` each."""
     dm = _datamodule(name, seed, args)
     rays = default_baseline_rays(3, 10)
-    common = {"lr": args.lr, "in_dim": dm.input_dim}
+    common = {"optimizer": _adam(args.lr), "in_dim": dm.input_dim}
     for solver in ("ls", "epo"):
         pl.seed_everything(seed, verbose=False)
         phn = ParetoHyperNetModule(solver=solver, alpha=args.alpha, seed=seed, **common)
@@ -297,10 +302,10 @@ def step_timing(args: argparse.Namespace) -> None:
     def phn_step(solver: str, k: int, epo_gradients: str = "hypernet") -> Callable[[int, dict[str, float]], None]:
         pl.seed_everything(0, verbose=False)
         module = ParetoHyperNetModule(
-            solver=solver, in_dim=in_dim, rays_per_step=k, lr=args.lr, epo_gradients=epo_gradients
+            solver=solver, in_dim=in_dim, rays_per_step=k, optimizer=_adam(args.lr), epo_gradients=epo_gradients
         )
         assert module.hnet is not None
-        opt = torch.optim.Adam(module.hnet.parameters(), lr=args.lr)
+        (opt,) = module.configure_optimizers()  # the module's own optimizer (fused Adam where available)
         hnet = module.hnet
 
         def step(i: int, parts: dict[str, float]) -> None:
@@ -339,9 +344,9 @@ def step_timing(args: argparse.Namespace) -> None:
     def baseline_step(solver: str) -> Callable[[int, dict[str, float]], None]:
         pl.seed_everything(0, verbose=False)
         ray = default_baseline_rays(3, 10)[4:5]
-        module = ParetoBaselineModule(solver=solver, rays=ray.tolist(), in_dim=in_dim, lr=args.lr)
+        module = ParetoBaselineModule(solver=solver, rays=ray.tolist(), in_dim=in_dim, optimizer=_adam(args.lr))
         assert module.weights is not None
-        opt = torch.optim.Adam([module.weights], lr=args.lr)
+        (opt,) = module.configure_optimizers()
 
         def step(i: int, parts: dict[str, float]) -> None:
             # the body of ParetoBaselineModule.training_step (solver inlined to time its parts), no Lightning
@@ -400,7 +405,7 @@ def step_timing(args: argparse.Namespace) -> None:
 
     # the LP alone: epo_lp on the (ℓ, r, G Gᵀ) of real PHN steps (one ray, m = 3)
     pl.seed_everything(0, verbose=False)
-    module = ParetoHyperNetModule(solver="epo", in_dim=in_dim, lr=args.lr)
+    module = ParetoHyperNetModule(solver="epo", in_dim=in_dim)
     assert module.hnet is not None
     problems = []
     for i in range(len(batches)):

@@ -424,7 +424,7 @@ def main() -> None:
     p.add_argument("--no-controls", action="store_true", help="skip the Table 1 controls")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--plot", type=Path, default=None, help="PNG of the curves (default docs/img/stn_hpo_curves.png)")
-    p.add_argument("--data-dir", default=os.environ.get("HYPERLIT_DATA_DIR", "/work/shared/data"))
+    p.add_argument("--data-dir", default=None, help="data folder (default: $HYPERLIT_DATA_DIR, else ~/.cache/hyperlit)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     q = args.quick

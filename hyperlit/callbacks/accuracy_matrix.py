@@ -1,10 +1,11 @@
 """Accuracy-matrix report of a continual-learning run: a text table and a heatmap (rank 0 only).
 
-After every validation that filled a new row of ``R[i, j]`` (and at the end of ``fit``) the callback prints the
-table with the during/final means and backward transfer, and draws the heatmap: with a TensorBoard logger it is
-added with ``add_figure``; otherwise it is written as a PNG into the logger's ``log_dir`` (or the trainer's
-``default_root_dir``). matplotlib is imported lazily and the figure is built with the object API and closed.
-Works with any module that has an ``acc_matrix`` buffer (:class:`~hyperlit.continual.base.ContinualModule`).
+After every validation that filled a new row of ``R[i, j]`` (and at the end of ``fit``) the callback shows the
+table with the during/final means and backward transfer through Lightning's logger (``rank_zero_info``), and
+draws the heatmap: with a TensorBoard logger it is added with ``add_figure``; otherwise it is written as a PNG
+into the logger's ``log_dir`` (or the trainer's ``default_root_dir``). matplotlib is imported lazily and the
+figure is built with the object API and closed. Works with any module that has an ``acc_matrix`` buffer
+(:class:`~hyperlit.continual.base.ContinualModule`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from hyperlit.continual.metrics import format_matrix, num_trained_tasks, summarize
@@ -46,7 +48,7 @@ def accuracy_matrix_figure(matrix: Tensor, title: str = "accuracy matrix R[i, j]
 
 
 class AccuracyMatrixCallback(pl.Callback):
-    """Print and plot the accuracy matrix whenever a task finishes, and at the end of training.
+    """Show and plot the accuracy matrix whenever a task finishes, and at the end of training.
 
     Args:
         every_task: Report after each finished task (else only at the end of ``fit``).
@@ -95,7 +97,7 @@ class AccuracyMatrixCallback(pl.Callback):
                 f" | BWT {summary['bwt'] * scale:+.2f}"
             )
         self.last_table = "\n".join(lines)
-        print(f"[accuracy matrix, {tag}]\n{self.last_table}")
+        rank_zero_info(f"[accuracy matrix, {tag}]\n{self.last_table}")
         if self.plot:
             self._log_figure(trainer, matrix, tag, scale)
 

@@ -1,13 +1,17 @@
 """Plot the Pareto front learned by a PHN (or the per-ray baselines) after every validation epoch.
 
 The module exposes its latest :class:`~hyperlit.pareto.metrics.FrontEvaluation` as ``pl_module.last_front``
-(losses at the evaluation rays, hypervolume, reference point). This callback draws it — a 2-D scatter for two
+(losses at the evaluation rays, hypervolume, reference point), computed in its ``on_validation_epoch_end`` by
+:class:`~hyperlit.pareto.front_metric.FrontStatistics`. This callback draws it in ``on_validation_end``, which runs
+after the module's epoch-end hook (a callback's ``on_validation_epoch_end`` runs before it and would see the
+previous epoch's front) — a 2-D scatter for two
 objectives, a 3-D scatter for three (pairwise panels for more) — coloured by the ray's first coordinate, and
 
 * logs it with ``add_figure`` when the logger supports figures (TensorBoard), else
 * writes ``<log_dir>/pareto_front/epoch_XXXX.png``.
 
-Only rank 0 draws (the front itself was already reduced over ranks by the module); sanity checks are skipped;
+Only rank 0 draws (the front is already the whole split's: the metric summed its statistics over ranks); sanity
+checks are skipped;
 matplotlib is imported lazily and used through its object API (no pyplot state).
 """
 
@@ -19,6 +23,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 __all__ = ["ParetoFrontPlot", "plot_front"]
 
@@ -77,7 +82,8 @@ class ParetoFrontPlot(Callback):
         self.tag = tag
         self.last_path: Path | None = None
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs:

@@ -2,6 +2,7 @@
 
 * :class:`HyperContinualModule` — hypernetwork + output regularizer (full or chunked hypernetwork).
 * :class:`EWCContinualModule` — (online) EWC on a plain multi-head MLP, in the same harness.
+* :class:`TaskScores` — the per-task evaluation scores as a ``torchmetrics.Metric`` (summed over DDP ranks).
 * :mod:`hyperlit.continual.regularizer`, :mod:`hyperlit.continual.metrics`, :mod:`hyperlit.continual.ewc` —
   the Lightning-free math.
 """
@@ -9,5 +10,6 @@
 from hyperlit.continual.base import ContinualModule
 from hyperlit.continual.baselines import EWCContinualModule, hypernetwork_fine_tuning
 from hyperlit.continual.module import HyperContinualModule
+from hyperlit.continual.scores import TaskScores
 
-__all__ = ["ContinualModule", "EWCContinualModule", "HyperContinualModule", "hypernetwork_fine_tuning"]
+__all__ = ["ContinualModule", "EWCContinualModule", "HyperContinualModule", "TaskScores", "hypernetwork_fine_tuning"]

@@ -3,16 +3,23 @@
 **How a task sequence runs under Lightning: one ``fit`` with a task schedule.** The DataModule
 (:mod:`datamodules.task_sequence`) serves task ``e // epochs_per_task`` in epoch e and tags every batch with its
 task id. The module switches task at the first batch of a new task — that is where a subclass takes its
-snapshot (θ*, stored targets, EWC anchor) in :meth:`ContinualModule.on_task_start` — and resets the optimizer
-state (fresh Adam moments per task, as the official code rebuilds its optimizers). Lightning's end-of-epoch
-validation then evaluates every task seen so far, which fills row i of the accuracy matrix R[i, j] after the last
-epoch of task i. Tasks must arrive in order 0, 1, 2, …; a skipped or repeated-earlier task, or an id outside
-``0 .. num_tasks − 1``, raises.
+snapshot (θ*, stored targets, EWC anchor) in :meth:`ContinualModule.on_task_start` — and clears the state of
+every optimizer (fresh Adam moments per task, as the official code rebuilds its optimizers). Lightning's
+end-of-epoch validation then evaluates every task seen so far, which fills row i of the accuracy matrix R[i, j]
+after the last epoch of task i. Tasks must arrive in order 0, 1, 2, …; a skipped or repeated-earlier task, or an
+id outside ``0 .. num_tasks − 1``, raises.
+
+**Evaluation** accumulates a :class:`~hyperlit.continual.scores.TaskScores` metric (sums per task, reduced over
+DDP ranks by torchmetrics) and, at the end of the epoch, every rank writes the synced scores into R and logs
+``val/acc_task_j`` (``val/mse_task_j``), ``val/acc_mean_seen``, the inferred-task scores and the ``cl/*`` summary
+of R; ``test`` logs ``test/…`` and keeps the scores in the ``test_scores`` buffer. Under DDP every rank may
+evaluate a different part of each task's split (the DataModule shards it): the values are those of the whole
+split.
 
 All state that results depend on is checkpointed (persistent buffers: current task, step counters, accuracy
-matrices, targets; ``on_save_checkpoint``: generator states), and the DataModule stores its position inside the
-epoch, so ``fit(ckpt_path=...)`` from a checkpoint taken in the middle of any task continues exactly like an
-uninterrupted run. Training stops by itself after the last task (``trainer.should_stop``).
+matrices, targets; :class:`~hyperlit.base.HyperlitModule`: generator states), and the DataModule stores its
+position inside the epoch, so ``fit(ckpt_path=...)`` from a checkpoint taken in the middle of any task continues
+exactly like an uninterrupted run. Training stops by itself after the last task (``trainer.should_stop``).
 """
 
 from __future__ import annotations
@@ -20,19 +27,22 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import MetricCollection
+from typing_extensions import override
 
-from hyperlit.continual.metrics import entropy_task_inference, summarize
+from hyperlit.base import HyperlitModule
+from hyperlit.continual.metrics import summarize
+from hyperlit.continual.scores import TaskScores
 
 __all__ = ["ContinualModule"]
 
 TaskType = Literal["classification", "regression"]
 
 
-class ContinualModule(pl.LightningModule):
+class ContinualModule(HyperlitModule):
     """Base class: task switching, counters, accuracy matrix, task inference, checkpointed state.
 
     Subclasses implement :meth:`task_outputs`, :meth:`train_on_batch` and (optionally) :meth:`on_task_start`.
@@ -50,7 +60,6 @@ class ContinualModule(pl.LightningModule):
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         if task_type not in ("classification", "regression"):
             raise ValueError(f"task_type must be 'classification' or 'regression', got {task_type!r}")
-        self.automatic_optimization = False
         self.num_tasks = num_tasks
         self.task_type = task_type
         self.infer_task = infer_task and task_type == "classification"
@@ -63,7 +72,6 @@ class ContinualModule(pl.LightningModule):
         self.register_buffer("task_inference_matrix", nan.clone())  # fraction of task j assigned to j
         self.register_buffer("test_scores", torch.full((3, num_tasks), math.nan))  # given, inferred, inference
         self._task: int | None = None  # Python mirror of current_task (no device sync per step)
-        self._eval_stats: Tensor | None = None
 
     # -- to implement ----------------------------------------------------------------------------------
     def task_outputs(self, x: Tensor, tasks: Tensor) -> Tensor:
@@ -76,6 +84,16 @@ class ContinualModule(pl.LightningModule):
 
     def on_task_start(self, task: int) -> None:
         """Called once before the first step of every task (snapshots of the previous state go here)."""
+
+    # -- base hooks ----------------------------------------------------------------------------------------
+    @override
+    def configure_metrics(self) -> MetricCollection:
+        """One :class:`~hyperlit.continual.scores.TaskScores` (``scores``) per stage."""
+        return MetricCollection({"scores": TaskScores(self.num_tasks, self.task_type)})
+
+    @override
+    def checkpoint_identity(self) -> dict[str, Any]:
+        return {"num_tasks": self.num_tasks, "task_type": self.task_type}
 
     # -- helpers -----------------------------------------------------------------------------------------
     @property
@@ -114,8 +132,7 @@ class ContinualModule(pl.LightningModule):
     def _reset_optimizer_state(self) -> None:
         if self._trainer is None:
             return
-        opts = self.optimizers()
-        for opt in opts if isinstance(opts, list) else [opts]:
+        for opt in self.optimizer_list():
             opt.optimizer.state.clear()
 
     def start_task(self, task: int) -> None:
@@ -135,6 +152,7 @@ class ContinualModule(pl.LightningModule):
         self._reset_optimizer_state()
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
+    @override
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         n = getattr(dm, "num_tasks", None)
@@ -150,6 +168,7 @@ class ContinualModule(pl.LightningModule):
             if a is not None and b is not None and a != b:
                 raise ValueError(f"the module's {ours}={a} does not match the DataModule's {theirs}={b}")
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y, task = self._unpack(batch)
         self.start_task(task)
@@ -157,65 +176,53 @@ class ContinualModule(pl.LightningModule):
         loss = logs["loss"].detach()
         self.step_in_task += 1
         self.total_steps += 1
-        every = getattr(self._trainer, "log_every_n_steps", 50) if self._trainer is not None else 50
-        if batch_idx % max(every, 1) == 0:  # Lightning's per-call logging overhead is large next to a small step
+        if self.should_log_step():
             logs = {f"train/{k}": v.detach() for k, v in logs.items()}
             logs["train/task"] = torch.tensor(float(task))
             self.log_dict(logs, on_step=True, on_epoch=False)
         return loss
 
+    @override
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         dm = getattr(self.trainer, "datamodule", None)
         epochs = getattr(dm, "num_schedule_epochs", None)
         if epochs is not None and self.current_epoch + 1 >= epochs:
             self.trainer.should_stop = True  # the task sequence is over
 
     # -- evaluation -----------------------------------------------------------------------------------------
-    def _eval_start(self) -> None:
-        self._eval_stats = torch.zeros(4, self.num_tasks, device=self.device, dtype=torch.float64)
+    def _scores(self, stage: str) -> TaskScores:
+        return self.stage_metrics(stage)["scores"]  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _eval_step(self, batch: Any, seen: int) -> None:
+    def _eval_step(self, batch: Any, seen: int, scores: TaskScores) -> None:
         x, y, task = self._unpack(batch)
         self._check_task_id(task)
-        if task >= seen or self._eval_stats is None:
+        if task >= seen:
             return  # tasks not trained yet are not measured
         if self.infer_task:  # every seen task's outputs at once: (K, B, C)
             out = self.task_outputs(x, torch.arange(seen, device=x.device))
-            given = out[task]
+            scores.update(out[task], y, task, candidates=out)
         else:
-            given = self.task_outputs(x, torch.tensor([task], device=x.device))[0]
-        stats = self._eval_stats[:, task]
-        stats[0] += len(y)
-        if self.task_type == "classification":
-            stats[1] += (given.argmax(-1) == y).sum()
-            if self.infer_task:
-                inferred, pred = entropy_task_inference(out)
-                stats[2] += (pred == y).sum()
-                stats[3] += (inferred == task).sum()
-        else:
-            err = (given - y.view_as(given)).pow(2)
-            stats[1] += err.mean(-1).sum() if err.dim() > 1 else err.sum()
+            scores.update(self.task_outputs(x, torch.tensor([task], device=x.device))[0], y, task)
 
-    def _eval_scores(self) -> Tensor:
-        assert self._eval_stats is not None
-        stats = self.trainer.strategy.reduce(self._eval_stats, reduce_op="sum") if self._trainer else self._eval_stats
-        count = stats[0]
-        scores = stats[1:] / count
-        scores[:, count == 0] = math.nan
-        return scores.float()  # (3, T): given, inferred, task inference
-
+    @override
     def on_validation_epoch_start(self) -> None:
-        self._eval_start()
+        self._scores("val").reset()
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, seen=self.task + 1)
+        self._eval_step(batch, self.task + 1, self._scores("val"))
 
+    @override
     def on_validation_epoch_end(self) -> None:
-        scores = self._eval_scores()
+        metric = self._scores("val")
         task = self.task
         if self.trainer.sanity_checking or task < 0 or self.trainer.state.fn != "fit":
-            return  # rows of R are written only by the validation that follows training
+            metric.reset()  # rows of R are written only by the validation that follows training
+            return
+        scores = metric.compute()  # synced over ranks: the whole split on every rank
+        metric.reset()
         self.acc_matrix[task] = scores[0]
         if self.infer_task:
             self.inferred_acc_matrix[task] = scores[1]
@@ -235,18 +242,25 @@ class ContinualModule(pl.LightningModule):
         """Additional values logged after each validation (e.g. the hypernetwork's weight drift)."""
         return {}
 
+    @override
     def on_test_epoch_start(self) -> None:
-        self._eval_start()
+        self._scores("test").reset()
 
+    @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, seen=self.task + 1)
+        self._eval_step(batch, self.task + 1, self._scores("test"))
 
+    @override
     def on_test_epoch_end(self) -> None:
-        scores = self._eval_scores()
-        self.test_scores.copy_(scores)
+        metric = self._scores("test")
         seen = self.task + 1
-        if seen < 1:
+        if seen < 1:  # nothing trained: nothing measured
+            metric.reset()
+            self.test_scores.fill_(math.nan)
             return
+        scores = metric.compute()  # synced over ranks
+        metric.reset()
+        self.test_scores.copy_(scores)
         name = "acc" if self.task_type == "classification" else "mse"
         logs = {f"test/{name}_task_{j}": scores[0, j] for j in range(seen)}
         logs[f"test/{name}_mean"] = scores[0, :seen].mean()
@@ -255,6 +269,7 @@ class ContinualModule(pl.LightningModule):
             logs["test/task_inference_acc"] = scores[2, :seen].mean()
         self.log_dict(logs)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Outputs (B, C) for the batch's task (task identity given)."""
         x, _, task = self._unpack(batch)
@@ -271,5 +286,7 @@ class ContinualModule(pl.LightningModule):
         return out
 
     # -- checkpointing ------------------------------------------------------------------------------------------
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._task = None  # re-read from the restored buffer
+    @override
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self._task = None  # re-read from the restored current_task buffer (checkpoints and ddp_spawn alike)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
+from typing_extensions import override
 
-from hyperlit.checkpoint import check_state_dict
 from hyperlit.continual.base import ContinualModule, TaskType
 from hyperlit.continual.ewc import ewc_penalty, per_example_grad_sq
 from hyperlit.continual.module import HyperContinualModule
@@ -52,7 +53,8 @@ class EWCContinualModule(ContinualModule):
         fisher_decay: Decay of the moving average of the per-batch Fisher estimates within a task.
         fisher_every: Estimate the Fisher on every n-th training batch (per-example gradients cost about as much
             as the training step itself).
-        lr: Adam learning rate.
+        optimizer: Optimizer of the MLP's parameters (default Adam(lr=1e-3)); its state is cleared at every task
+            start.
         infer_task: Also evaluate with the task inferred by minimum predictive entropy over the heads.
     """
 
@@ -69,7 +71,7 @@ class EWCContinualModule(ContinualModule):
         ewc_gamma: float = 1.0,
         fisher_decay: float = 0.9,
         fisher_every: int = 10,
-        lr: float = 1e-3,
+        optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=1e-3),
         infer_task: bool = True,
     ) -> None:
         super().__init__(num_tasks=num_tasks, task_type=task_type, infer_task=infer_task)
@@ -81,6 +83,7 @@ class EWCContinualModule(ContinualModule):
                 f"need ewc_lambda >= 0, 0 <= ewc_gamma <= 1, 0 <= fisher_decay < 1 and fisher_every >= 1; got "
                 f"{ewc_lambda}, {ewc_gamma}, {fisher_decay}, {fisher_every}"
             )
+        self.optimizer = optimizer
         self.output_dim = output_dim
         self.num_heads = num_tasks if heads == "multihead" else 1
         self.net = MLP(input_dim, hidden, output_dim * self.num_heads, activation)
@@ -89,28 +92,32 @@ class EWCContinualModule(ContinualModule):
         self.fisher_running = ParameterSnapshot(self.net)
         self.register_buffer("fisher_batches", torch.tensor(0, dtype=torch.long))
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+        """One optimizer (``optimizer``) over the MLP's parameters."""
+        return self.build_optimizer(self.optimizer, self.net.parameters(), "optimizer")
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if "state_dict" in checkpoint:  # another module or architecture: one clear error instead of load_state_dict's
-            check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)
+    @override
+    def checkpoint_identity(self) -> dict[str, Any]:
+        return {**super().checkpoint_identity(), "heads": self.hparams.heads}
 
     def _heads(self, out: Tensor) -> Tensor:
         """(B, H·C) → (B, H, C)."""
         return out.reshape(len(out), self.num_heads, self.output_dim)
 
+    @override
     def forward(self, x: Tensor, task: int) -> Tensor:
         self._check_task_id(task)
         return self._heads(self.net(x))[:, task if self.num_heads > 1 else 0]
 
+    @override
     def task_outputs(self, x: Tensor, tasks: Tensor) -> Tensor:
         out = self._heads(self.net(x))  # one forward pass serves every candidate task
         idx = tasks.to(out.device) if self.num_heads > 1 else torch.zeros_like(tasks, device=out.device)
         return out[:, idx].transpose(0, 1)
 
     @torch.no_grad()
+    @override
     def on_task_start(self, task: int) -> None:
         if task == 0:
             return
@@ -137,8 +144,9 @@ class EWCContinualModule(ContinualModule):
             f.mul_(d).add_(batch[name], alpha=1 - d)
         self.fisher_batches += 1
 
+    @override
     def train_on_batch(self, x: Tensor, y: Tensor, task: int) -> dict[str, Tensor]:
-        opt = self.optimizers()
+        opt = self.optimizer_list()[0]
         opt.zero_grad()
         loss_task = self.task_loss(self(x, task), y)
         logs = {"loss": loss_task, "loss_task": loss_task}

@@ -11,6 +11,10 @@ entries not yet measured are NaN. With T trained tasks:
 Task inference by predictive entropy (HNET+ENT, von Oswald et al. 2020 §4): for every candidate task embedding
 the network's softmax entropy is computed, and the task with the lowest entropy is chosen — all candidates at
 once from a (K, B, C) logit tensor.
+
+Per-task scores of one evaluation are sums over examples (:func:`task_score_sums`), so that they add up over
+batches and over DDP ranks; :func:`task_scores` turns the summed counts into scores. The torchmetrics wrapper that
+accumulates them is :class:`hyperlit.continual.scores.TaskScores`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ __all__ = [
     "format_matrix",
     "num_trained_tasks",
     "summarize",
+    "task_score_sums",
+    "task_scores",
     "weight_drift",
 ]
 
@@ -112,6 +118,52 @@ def entropy_task_inference(logits: Tensor) -> tuple[Tensor, Tensor]:
     task = entropy.argmin(0)
     chosen = logits[task, torch.arange(logits.shape[1], device=logits.device)]  # (B, C)
     return task, chosen.argmax(-1)
+
+
+def task_score_sums(
+    given: Tensor, target: Tensor, task_type: str = "classification", candidates: Tensor | None = None, task: int = 0
+) -> Tensor:
+    """The four sums of one batch of one task (float64, shape (4,)), added up by :func:`task_scores`.
+
+    ``[examples, correct with the task given | summed squared error, correct with the task inferred, examples whose
+    task is inferred right]``. Classification counts correct argmax predictions; regression sums the squared error
+    averaged over output dimensions. The last two need ``candidates``, the (K, B, C) outputs of every candidate
+    task (:func:`entropy_task_inference`), of which ``given`` is row ``task``; without them they are 0.
+
+    Args:
+        given: Outputs (B, C) of the network conditioned on the batch's true task.
+        target: Class labels (B,) or regression targets (B, …).
+        task_type: ``classification`` or ``regression``.
+        candidates: Outputs (K, B, C) for all candidate tasks (classification only), or ``None``.
+        task: The batch's task id (needed with ``candidates``).
+    """
+    sums = torch.zeros(4, dtype=torch.float64, device=given.device)
+    sums[0] = len(target)
+    if task_type == "classification":
+        sums[1] = (given.argmax(-1) == target).sum()
+        if candidates is not None:
+            inferred, pred = entropy_task_inference(candidates)
+            sums[2] = (pred == target).sum()
+            sums[3] = (inferred == task).sum()
+    elif task_type == "regression":
+        err = (given.double() - target.view_as(given).double()).pow(2)
+        sums[1] = err.mean(-1).sum() if err.dim() > 1 else err.sum()
+    else:
+        raise ValueError(f"task_type must be 'classification' or 'regression', got {task_type!r}")
+    return sums
+
+
+def task_scores(sums: Tensor) -> Tensor:
+    """Scores (3, T) from summed counts (4, T) of :func:`task_score_sums`; NaN for tasks without examples.
+
+    Rows: score with the task given (accuracy or MSE), accuracy with the task inferred, task-inference accuracy.
+    """
+    if sums.dim() != 2 or sums.shape[0] != 4:
+        raise ValueError(f"sums must be (4, num_tasks), got {tuple(sums.shape)}")
+    count = sums[0]
+    scores = sums[1:] / count
+    scores[:, count == 0] = math.nan
+    return scores.float()
 
 
 def weight_drift(current: Tensor, reference: Tensor) -> Tensor:

@@ -10,9 +10,12 @@ with θ* the hypernetwork before task T, S all previous tasks or k of them drawn
 See :mod:`hyperlit.continual.regularizer` for the vectorized regularizer and :mod:`hyperlit.continual.base` for
 how the task sequence runs inside one ``fit``.
 
-Optimizer (one ``torch.optim.Adam``, state cleared at every task start): param group 0 = θ (hypernetwork,
-including chunk embeddings; the look-ahead is taken on this group only), param group 1 = task-specific
-parameters (the task embeddings and, with ``heads="separate"``, the per-task output heads). Old embeddings get no
+Optimizers, in this order (both built from injected factories; the state of both is cleared at every task
+start): ``hnet_optimizer`` for θ (the hypernetwork, including chunk embeddings; the look-ahead reads this one) and
+``emb_optimizer`` for the task-specific parameters (the task embeddings and, with ``heads="separate"``, the
+per-task output heads). Both default to Adam(lr=1e-3, betas=(0.9, 0.999)), the official setting. ``grad_clip``
+clips the joint gradient norm over both parameter sets. Both step on every batch, so Lightning's ``global_step``
+(and with it ``ModelCheckpoint(every_n_train_steps)`` and ``max_steps``) counts 2 per batch. Old embeddings get no
 gradient unless ``train_old_embeddings`` (paper default: frozen; hypnettorch's example lets them move).
 
 Heads (task identity given):
@@ -30,7 +33,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
+from typing_extensions import override
 
 from hyperlit.continual.base import ContinualModule, TaskType
 from hyperlit.continual.metrics import compression_ratio, weight_drift
@@ -79,10 +84,11 @@ class HyperContinualModule(ContinualModule):
         lookahead: ``none`` (default; hypnettorch) | ``sgd`` | ``adam`` (the paper's, detached).
         train_old_embeddings: Let the regularizer move earlier tasks' embeddings.
         init_emb_from_previous: Start each new task embedding from the previous task's.
-        lr: Adam learning rate of θ.
-        emb_lr: Adam learning rate of the task-specific parameters (default ``lr``).
-        adam_betas: Adam's (β1, β2).
-        grad_clip: Clip the gradient norm to this value (``None``: no clipping).
+        hnet_optimizer: Optimizer of θ (the hypernetwork), e.g. ``lambda p: torch.optim.Adam(p, lr=1e-4)``; the
+            ``adam`` look-ahead needs a plain ``torch.optim.Adam`` here.
+        emb_optimizer: Optimizer of the task embeddings (and separate heads).
+        grad_clip: Clip the gradient norm, joint over θ and the task-specific parameters, to this value (``None``:
+            no clipping).
         infer_task: Also evaluate with the task inferred by minimum predictive entropy.
         track_drift: Keep each task's generated weights at the end of its training (T·P floats) and log how far
             they drift afterwards.
@@ -112,9 +118,8 @@ class HyperContinualModule(ContinualModule):
         lookahead: Lookahead = "none",
         train_old_embeddings: bool = False,
         init_emb_from_previous: bool = False,
-        lr: float = 1e-3,
-        emb_lr: float | None = None,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
+        hnet_optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=1e-3),
+        emb_optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=1e-3),
         grad_clip: float | None = None,
         infer_task: bool = True,
         track_drift: bool = True,
@@ -132,6 +137,8 @@ class HyperContinualModule(ContinualModule):
             raise ValueError(f"reg_num_tasks must be >= 1 or None (all previous tasks), got {reg_num_tasks}")
         if emb_dim < 1:
             raise ValueError(f"emb_dim must be >= 1, got {emb_dim}")
+        self.hnet_optimizer = hnet_optimizer
+        self.emb_optimizer = emb_optimizer
         self.output_dim = output_dim
         self.num_heads = 1 if heads == "generated" else num_tasks
         self.target = MLP(input_dim, hidden, output_dim * self.num_heads, activation)
@@ -157,7 +164,7 @@ class HyperContinualModule(ContinualModule):
         self.theta_star = ParameterSnapshot(self.hnet) if online_targets else None
         self.register_buffer("emb_star", torch.zeros(num_tasks, emb_dim))
         self.register_buffer("weights_after_task", torch.zeros(num_tasks if track_drift else 0, p_gen))
-        self._reg_generator = torch.Generator().manual_seed(reg_seed)
+        self.register_generator("reg", reg_seed)  # draws the regularized subset, identically on every rank
         big = ["reg_targets", "weights_after_task"]
         if self.theta_star is not None:
             big += [f"theta_star.{n}" for n, _ in self.theta_star.named_buffers()]
@@ -170,16 +177,13 @@ class HyperContinualModule(ContinualModule):
         heads = [p for n, p in self.target.named_parameters() if p.requires_grad]
         return [self.task_embeddings, *heads]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """One Adam: group 0 = θ (hypernetwork), group 1 = task-specific parameters."""
-        hp = self.hparams
-        return torch.optim.Adam(
-            [
-                {"params": list(self.hnet.parameters()), "lr": hp.lr},
-                {"params": self.task_specific_parameters(), "lr": hp.emb_lr or hp.lr},
-            ],
-            betas=tuple(hp.adam_betas),
-        )
+    @override
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """``[hnet_optimizer(θ), emb_optimizer(task embeddings and separate heads)]``, in this order."""
+        return [
+            self.build_optimizer(self.hnet_optimizer, self.hnet.parameters(), "hnet_optimizer"),
+            self.build_optimizer(self.emb_optimizer, self.task_specific_parameters(), "emb_optimizer"),
+        ]
 
     def num_task_specific_params(self) -> int:
         return sum(p.numel() for p in self.task_specific_parameters())
@@ -201,11 +205,13 @@ class HyperContinualModule(ContinualModule):
         out = out.reshape(k, b, self.num_heads, self.output_dim)
         return out[torch.arange(k, device=out.device), :, tasks]
 
+    @override
     def task_outputs(self, x: Tensor, tasks: Tensor) -> Tensor:
         tasks = tasks.to(self.task_embeddings.device)
         weights = self.hnet.unflatten(self.generated_weights(tasks))
         return self._select_head(batched_call(self.target, weights, x), tasks)
 
+    @override
     def forward(self, x: Tensor, task: int) -> Tensor:
         """Outputs (B, C) of the target network with the weights generated for ``task``."""
         self._check_task_id(task)
@@ -217,6 +223,7 @@ class HyperContinualModule(ContinualModule):
 
     # -- task boundaries ------------------------------------------------------------------------------------
     @torch.no_grad()
+    @override
     def on_task_start(self, task: int) -> None:
         hp = self.hparams
         if task > 0:
@@ -241,7 +248,7 @@ class HyperContinualModule(ContinualModule):
     def regularizer(self, task: int, delta: list[Tensor] | None = None) -> Tensor:
         """R(θ + Δθ) over the previous tasks drawn for this step (Eq. 2, one batched hypernetwork call)."""
         hp = self.hparams
-        ids = sample_previous_tasks(task, hp.reg_num_tasks, self._reg_generator).to(self.task_embeddings.device)
+        ids = sample_previous_tasks(task, hp.reg_num_tasks, self.generator("reg")).to(self.task_embeddings.device)
         emb = self.task_embeddings[ids]
         if not hp.train_old_embeddings:
             emb = emb.detach()
@@ -260,10 +267,12 @@ class HyperContinualModule(ContinualModule):
             raise RuntimeError(f"stored targets cover {len(self.reg_targets)} tasks, need {task}")
         return regularization_loss(self.hnet, emb, targets=self.reg_targets[ids], delta=named_delta)
 
+    @override
     def train_on_batch(self, x: Tensor, y: Tensor, task: int) -> dict[str, Tensor]:
         hp = self.hparams
-        opt = self.optimizers()
-        opt.zero_grad()
+        opt_hnet, opt_emb = self.optimizer_list()
+        opt_hnet.zero_grad()
+        opt_emb.zero_grad()
         loss_task = self.task_loss(self(x, task), y)
         logs = {"loss": loss_task, "loss_task": loss_task}
         if hp.beta > 0 and task > 0:
@@ -272,16 +281,18 @@ class HyperContinualModule(ContinualModule):
                 self.manual_backward(loss_task + hp.beta * reg)
             else:  # Δθ from the task gradient alone (detached), then the regularizer at θ + Δθ
                 self.manual_backward(loss_task)
-                delta = lookahead_delta(opt.optimizer, list(self.hnet.parameters()), hp.lookahead)
+                delta = lookahead_delta(opt_hnet.optimizer, list(self.hnet.parameters()), hp.lookahead)
                 reg = self.regularizer(task, delta)
                 self.manual_backward(hp.beta * reg)
             logs["reg"] = reg.detach()
             logs["loss"] = loss_task.detach() + hp.beta * reg.detach()
         else:
             self.manual_backward(loss_task)
-        if hp.grad_clip is not None:
-            self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
+        if hp.grad_clip is not None:  # one norm over both optimizers' parameters
+            params = [*self.hnet.parameters(), *self.task_specific_parameters()]
+            torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
+        opt_hnet.step()
+        opt_emb.step()
         return logs
 
     # -- metrics & checkpointing ---------------------------------------------------------------------------------
@@ -294,6 +305,7 @@ class HyperContinualModule(ContinualModule):
             now = compute_targets(self.hnet, self.task_embeddings[:done])
         return weight_drift(now, self.weights_after_task[:done])
 
+    @override
     def extra_validation_metrics(self) -> dict[str, Tensor]:
         logs = {k: torch.tensor(v) for k, v in self.compression().items()}
         logs["cl/target_memory_bytes"] = torch.tensor(float(self.target_memory_bytes()))
@@ -302,38 +314,21 @@ class HyperContinualModule(ContinualModule):
             logs[f"cl/drift_task_{j}"] = d
         return logs
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle the generator as its state bytes: ``ddp_spawn`` sends the module through torch's shared-memory
-        pickler, which cannot rebuild a ``torch.Generator`` ("unable to resize file")."""
-        state = self.__dict__.copy()
-        state["_reg_generator"] = bytes(self._reg_generator.get_state().numpy())
-        return state
+    @override
+    def checkpoint_identity(self) -> dict[str, Any]:
+        return {**super().checkpoint_identity(), "heads": self.hparams.heads}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        gen = torch.Generator()
-        gen.set_state(torch.frombuffer(bytearray(state["_reg_generator"]), dtype=torch.uint8))
-        super().__setstate__({**state, "_reg_generator": gen})
+    @override
+    def prepare_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("state_dict", {}).get("reg_targets")
+        if stored is not None:  # the stored-target buffer grows per task: give it the saved shape first
+            self.register_buffer("reg_targets", torch.zeros_like(stored, device=self.reg_targets.device))
 
+    @override
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # the stored-target buffer grows per task; any load_state_dict (e.g. ddp_spawn handing rank 0's weights
-        # back to the main process) must take the saved shape
+        # back to the main process, which bypasses the checkpoint hooks) must take the saved shape
         stored = state_dict.get(prefix + "reg_targets")
         if stored is not None and stored.shape != self.reg_targets.shape:
             self.register_buffer("reg_targets", torch.zeros_like(stored, device=self.reg_targets.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["continual"] = {"reg_generator_state": self._reg_generator.get_state()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        stored = checkpoint.get("state_dict", {}).get("reg_targets")
-        if stored is not None:  # the stored-target buffer grows per task: give it the saved shape first
-            self.register_buffer("reg_targets", torch.zeros_like(stored, device=self.reg_targets.device))
-        state = checkpoint.get("continual", {}).get("reg_generator_state")
-        if state is not None:
-            self._reg_generator.set_state(state)
-        if "state_dict" in checkpoint:  # another module or architecture: one clear error instead of load_state_dict's
-            from hyperlit.checkpoint import check_state_dict
-
-            check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)

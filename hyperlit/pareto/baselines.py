@@ -6,17 +6,22 @@ trains the ten models side by side in one process (each model only sees its own 
 losses of different rows never mix). Evaluation uses the same objectives, statistics, hypervolume and
 uniformity code as :class:`~hyperlit.pareto.module.ParetoHyperNetModule`, at the models' own rays.
 
-Optimizers (fixed order): ``[Adam(weights)]``.
+Optimizers (fixed order): ``[optimizer(weights)]`` over the one (R, P) weight tensor (default ``Adam(lr=1e-4)``,
+PHN's baselines; Adam's state is per entry, so the R rows are still R independent Adams), with an optional
+``lr_scheduler`` stepped once per epoch.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from typing_extensions import override
 
 from hyperlit.nn import materialize, target_shapes
 from hyperlit.pareto.metrics import evaluation_rays, validate_ray
@@ -55,8 +60,9 @@ class ParetoBaselineModule(ParetoModuleBase):
         in_dim: Input features of the default MLP (``None``: the DataModule's ``input_dim``).
         target_hidden: Hidden sizes of the default MLP.
         out_dim: Outputs of the default MLP.
-        lr: Adam learning rate (PHN's baselines: 1e-4).
-        weight_decay: Adam weight decay.
+        optimizer: Optimizer of the (R, P) weights of the R models (PHN's baselines: ``Adam(lr=1e-4)``, the
+            default); an optimizer whose state is per entry (Adam, SGD, …) keeps the models independent.
+        lr_scheduler: Optional learning-rate schedule of ``optimizer``, stepped once per epoch.
         gradient_clip_val: Gradient-norm clipping (``None``: off).
         ref_point: Hypervolume reference point (default all ones).
         eval_metric: ``hard`` or ``relaxed`` evaluation losses.
@@ -74,14 +80,14 @@ class ParetoBaselineModule(ParetoModuleBase):
         in_dim: int | None = None,
         target_hidden: tuple[int, ...] = (60, 25),
         out_dim: int = 1,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
+        optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=1e-4, weight_decay=0.0),
+        lr_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = None,
         ref_point: tuple[float, ...] | None = None,
         eval_metric: Literal["hard", "relaxed"] = "hard",
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(seed=seed)
         self.save_hyperparameters(ignore=["target"] if isinstance(target, nn.Module) else [])
         m = len(tuple(objectives))
         ray_t = (
@@ -99,8 +105,8 @@ class ParetoBaselineModule(ParetoModuleBase):
             in_dim,
             target_hidden,
             out_dim,
-            lr,
-            weight_decay,
+            optimizer,
+            lr_scheduler,
             gradient_clip_val,
             ref_point,
             eval_metric,
@@ -111,9 +117,15 @@ class ParetoBaselineModule(ParetoModuleBase):
         return len(self._rays)
 
     @property
+    @override
     def front_rays(self) -> Tensor:
         return self._rays
 
+    @override
+    def checkpoint_identity(self) -> dict[str, Any]:
+        return {**super().checkpoint_identity(), "rays": self._rays.tolist()}
+
+    @override
     def _build_weights(self, target: nn.Module) -> None:
         self.shapes = target_shapes(target)
         self.names = list(self.shapes)
@@ -134,6 +146,7 @@ class ParetoBaselineModule(ParetoModuleBase):
         parts = torch.split(flat, self.numels, dim=-1)
         return {n: p.reshape(flat.shape[0], *s) for n, p, s in zip(self.names, parts, self.shapes.values())}
 
+    @override
     def eval_weights(self) -> dict[str, Tensor]:
         self._require_built()
         assert self.weights is not None
@@ -148,17 +161,19 @@ class ParetoBaselineModule(ParetoModuleBase):
         weights = {n: w[index] for n, w in self.eval_weights().items()}
         return materialize(self.target, weights).requires_grad_(True).eval()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        self._require_built()
+    @override
+    def _trainable_parameters(self) -> Iterable[nn.Parameter]:
         assert self.weights is not None
-        return torch.optim.Adam([self.weights], lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        return [self.weights]
 
     def _epo_gradients(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         assert self.weights is not None
         grads = objective_gradients(losses, [self.weights], separable=True)
         return self.all_reduce_for_epo(losses, grads)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Model k descends its own LS or EPO loss at r_k (the losses are summed, so the gradients never mix)."""
         self._require_built()
         x = _batch_inputs(batch)
         outputs = self._outputs(self.eval_weights(), x)
@@ -168,6 +183,7 @@ class ParetoBaselineModule(ParetoModuleBase):
         self._apply_step(out, losses, x.shape[0])
         return out.loss.detach()
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """(R, B, …) predictions of all R models."""
         with torch.no_grad():

@@ -161,7 +161,8 @@ def uniformity(losses: Tensor, rays: Tensor) -> float:
 
 @dataclass
 class FrontEvaluation:
-    """Losses of a front at its rays, with hypervolume (and the reference point it used) and uniformity."""
+    """Losses of a front at its rays, with hypervolume (and the reference point it used), uniformity and the mean
+    loss of every objective over the rays."""
 
     rays: Tensor
     losses: Tensor
@@ -169,6 +170,13 @@ class FrontEvaluation:
     hv: float
     uniformity: float
     names: tuple[str, ...] = field(default_factory=tuple)
+    means: tuple[float, ...] = field(default_factory=tuple)
+
+    def scalars(self) -> dict[str, float]:
+        """``hv``, ``uniformity`` and ``<objective>_mean`` (what the modules log per stage)."""
+        names = self.names or tuple(f"objective_{j}" for j in range(self.losses.shape[-1]))
+        means = self.means or tuple(float(v) for v in self.losses.double().mean(0))
+        return {"hv": self.hv, "uniformity": self.uniformity, **{f"{n}_mean": v for n, v in zip(names, means)}}
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -178,13 +186,19 @@ class FrontEvaluation:
             "hv": self.hv,
             "uniformity": self.uniformity,
             "names": list(self.names),
+            "means": list(self.means),
         }
 
 
 def evaluate_front(
     losses: Tensor, rays: Tensor, ref_point: Sequence[float] | None = None, names: Sequence[str] = ()
 ) -> FrontEvaluation:
-    """Hypervolume (reference point default 𝟙) and uniformity of (N, m) losses obtained at (N, m) rays."""
+    """Hypervolume (reference point default 𝟙), uniformity and per-objective means of (N, m) losses at (N, m) rays.
+
+    The means are taken in the precision of ``losses`` (float64 from summed statistics); the stored losses are
+    float32.
+    """
+    means = tuple(float(v) for v in losses.detach().cpu().double().mean(0))
     losses = losses.detach().cpu().float()
     rays = rays.detach().cpu().float()
     ref = tuple(float(v) for v in (ref_point if ref_point is not None else [1.0] * losses.shape[-1]))
@@ -195,4 +209,5 @@ def evaluate_front(
         hv=hypervolume(losses, ref),
         uniformity=uniformity(losses, rays),
         names=tuple(names),
+        means=means,
     )

@@ -3,29 +3,34 @@
 A hypernetwork ``h(r; φ)`` maps a preference ray r on the simplex to all weights of a target network, which
 runs functionally with them (``torch.func``). Each training step draws K rays ``r ~ Dir(α)`` and descends the
 linear scalarization (PHN-LS) or the EPO-weighted loss (PHN-EPO) of the m objectives, see
-:mod:`hyperlit.pareto.solvers`. Validation evaluates the whole front at fixed test rays and logs ``val/hv``
-(hypervolume, minimization, reference point ``ref_point``) and ``val/uniformity``; configure
+:mod:`hyperlit.pareto.solvers`. Validation evaluates the whole front at fixed test rays with
+:class:`~hyperlit.pareto.front_metric.FrontStatistics` (summed over DDP ranks) and logs ``val/hv`` (hypervolume,
+minimization, reference point ``ref_point``), ``val/uniformity`` and ``val/<objective>_mean``; configure
 ``ModelCheckpoint(monitor="val/hv", mode="max")`` to keep the best-validation-HV model (the examples do).
 
-Optimizers (fixed order): ``[Adam(hypernetwork)]``. Own counters (persistent buffers): ``ray_step`` (rays are
-drawn from a generator seeded by ``(seed, ray_step)``, identical on all DDP ranks), ``epo_fallbacks``,
-``epo_solves``.
+Optimizers (fixed order): ``[optimizer(hypernetwork φ)]`` (default ``Adam(lr=1e-4)``), with an optional
+``lr_scheduler`` stepped once per epoch. Own counters (persistent buffers): ``ray_step`` (rays are drawn from a
+generator seeded by ``(seed, ray_step)``, identical on all DDP ranks), ``epo_fallbacks``, ``epo_solves``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from typing_extensions import override
 
+from hyperlit.base import HyperlitModule
 from hyperlit.models.mlp import MLP
 from hyperlit.nn import HyperNetwork, batched_call, materialize
-from hyperlit.pareto.metrics import FrontEvaluation, evaluate_front, evaluation_rays, sample_rays, validate_ray
+from hyperlit.pareto.front_metric import FrontStatistics
+from hyperlit.pareto.metrics import FrontEvaluation, evaluation_rays, sample_rays, validate_ray
 from hyperlit.pareto.objectives import ObjectiveSet, make_objectives
 from hyperlit.pareto.solvers import SolverOutput, make_solver, objective_gradients
 
@@ -36,12 +41,18 @@ def _batch_inputs(batch: Any) -> Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-class ParetoModuleBase(pl.LightningModule):
+class ParetoModuleBase(HyperlitModule):
     """What PHN and the per-ray baselines share: objectives, the target network, front evaluation, logging.
 
     Subclasses implement ``_build_weights`` (create trainable parameters once the target exists),
-    ``eval_weights`` (the (R, …) weight sets evaluated at ``self.front_rays``) and ``training_step``.
+    ``_trainable_parameters`` (what the optimizer updates), ``front_rays``/``eval_weights`` (the (R, …) weight sets
+    evaluated at the fixed rays) and ``training_step``.
     """
+
+    # counters that `--init_from` (fine-tuning) must not copy: a new run starts them afresh
+    init_from_skip = ("ray_step", "epo_solves", "epo_fallbacks")
+    #: ``ReduceLROnPlateau`` follows the validation hypervolume (give it ``mode="max"``)
+    scheduler_monitor = "val/hv"
 
     def _init_common(
         self,
@@ -52,22 +63,27 @@ class ParetoModuleBase(pl.LightningModule):
         in_dim: int | None,
         target_hidden: Sequence[int],
         out_dim: int,
-        lr: float,
-        weight_decay: float,
+        optimizer: OptimizerCallable,
+        lr_scheduler: LRSchedulerCallable | None,
         gradient_clip_val: float | None,
         ref_point: Sequence[float] | None,
         eval_metric: str,
     ) -> None:
-        self.automatic_optimization = False
         self.objective_set: ObjectiveSet = make_objectives(objectives)
         self.num_objectives = self.objective_set.num_objectives
         self.solver = make_solver(solver, epo_eps)
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        if not callable(optimizer):
+            raise TypeError(f"optimizer must be a callable params -> torch.optim.Optimizer, got {optimizer!r}")
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise TypeError(f"lr_scheduler must be a callable optimizer -> scheduler or None, got {lr_scheduler!r}")
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val must be > 0 or None, got {gradient_clip_val}")
+        self.gradient_clip_val = gradient_clip_val
         if eval_metric not in ("hard", "relaxed"):
             raise ValueError(f"eval_metric must be 'hard' or 'relaxed', got {eval_metric!r}")
+        self.eval_metric = eval_metric
         self.ref_point = tuple(float(v) for v in ref_point) if ref_point is not None else (1.0,) * self.num_objectives
         if len(self.ref_point) != self.num_objectives:
             raise ValueError(
@@ -77,8 +93,8 @@ class ParetoModuleBase(pl.LightningModule):
         self.out_dim = out_dim
         self.in_dim = in_dim
         self.target: nn.Module | None = None
+        #: the front of the latest validation/test epoch (drawn by :class:`~hyperlit.callbacks.pareto_front.ParetoFrontPlot`)
         self.last_front: FrontEvaluation | None = None
-        self._eval_stats: Tensor | None = None
         self.register_buffer("epo_fallbacks", torch.zeros((), dtype=torch.long))
         self.register_buffer("epo_solves", torch.zeros((), dtype=torch.long))
         if target is not None or in_dim is not None:
@@ -106,6 +122,10 @@ class ParetoModuleBase(pl.LightningModule):
     def _build_weights(self, target: nn.Module) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def _trainable_parameters(self) -> Iterable[nn.Parameter]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @override
     def setup(self, stage: str) -> None:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         in_dim = getattr(dm, "input_dim", None)
@@ -121,19 +141,21 @@ class ParetoModuleBase(pl.LightningModule):
         self.hparams["in_dim"] = self.in_dim  # so checkpoints rebuild the same architecture
         self._build()
 
-    # counters that `--init_from` (fine-tuning) must not copy: a new run starts them afresh
-    init_from_skip = ("ray_step", "epo_solves", "epo_fallbacks")
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    @override
+    def checkpoint_identity(self) -> dict[str, Any]:
+        return {"objectives": list(self.objective_set.names)}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from hyperlit.checkpoint import check_state_dict
-
-        if not self.built:  # runs before load_state_dict: create the parameters the state dict fills
-            in_dim = checkpoint.get("hyper_parameters", {}).get("in_dim")
-            if in_dim is not None:
-                self.in_dim = int(in_dim)
-                self._build()
-        if self.built:  # a checkpoint of another module or architecture: one clear error naming the tensors
-            check_state_dict(self, checkpoint.get("state_dict", {}), source="checkpoint", strict=self.strict_loading)
+    @override
+    def prepare_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Build the parameters the state dict fills when ``in_dim`` was inferred in the run that saved it."""
+        if self.built:
+            return
+        in_dim = checkpoint.get("hyper_parameters", {}).get("in_dim")
+        if in_dim is not None:
+            self.in_dim = int(in_dim)
+            self.hparams["in_dim"] = self.in_dim
+            self._build()
 
     # -- shared pieces -----------------------------------------------------------------------------------
     def _require_built(self) -> None:
@@ -144,15 +166,21 @@ class ParetoModuleBase(pl.LightningModule):
         assert self.target is not None
         return batched_call(self.target, weights, x)
 
+    @override
+    def configure_optimizers(self) -> Any:
+        """``[optimizer(trainable parameters)]`` and the optional ``lr_scheduler`` of it."""
+        self._require_built()
+        opt = self.build_optimizer(self.optimizer_factory, self._trainable_parameters(), "optimizer")
+        sched = self.build_scheduler(self.lr_scheduler_factory, opt, "lr_scheduler")
+        return self.optimizers_config([opt], [sched])
+
     def _apply_step(self, out: SolverOutput, losses: Tensor, batch_size: int) -> None:
         """Backward, clip, step; count EPO fallbacks and log the step's losses."""
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(out.loss)
-        if self.hparams.get("gradient_clip_val"):
-            self.clip_gradients(
-                opt, gradient_clip_val=self.hparams["gradient_clip_val"], gradient_clip_algorithm="norm"
-            )
+        if self.gradient_clip_val:
+            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
         opt.step()
         if self.solver.name == "epo":
             self.epo_solves += len(out.modes)
@@ -163,10 +191,9 @@ class ParetoModuleBase(pl.LightningModule):
                 # warn at the 1st, 10th, 100th, … fallback; the running count is logged as train/epo_fallbacks
                 if math.floor(math.log10(after)) > (math.floor(math.log10(before)) if before else -1):
                     rank_zero_warn(f"EPO LP fell back to r/Σr ({after} times so far); last reason: {out.reasons[-1]}")
-        # self.log costs ~5 ms a call on CPU; only log on the steps the logger writes (log_every_n_steps)
-        connector = getattr(self._trainer, "_logger_connector", None)
-        if connector is not None and not connector.should_update_logs:
+        if not self.should_log_step():
             return
+        # this rank's losses of the step (the split-level values are the val/test front metrics)
         logs = {f"train/{n}": losses[:, j].mean().detach() for j, n in enumerate(self.objective_set.names)}
         logs["train/loss"] = out.loss.detach()
         if self.solver.name == "epo":
@@ -178,14 +205,10 @@ class ParetoModuleBase(pl.LightningModule):
 
         ``torch.autograd.grad`` bypasses DDP's gradient hooks, so without this every rank would solve its own LP
         from local gradients; with it every rank solves the same LP (identical β, then one synced backward).
-        The losses are cloned first: the strategy reduces in place and ``losses.detach()`` shares its storage with
-        the rank's own losses, whose logged values and loss value would otherwise silently become the rank mean.
+        :meth:`~hyperlit.base.HyperlitModule.reduce_mean` reduces copies: the rank's own losses, which it logs and
+        backpropagates, stay local.
         """
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
-            return losses, grads
-        strategy = trainer.strategy
-        return strategy.reduce(losses.detach().clone(), reduce_op="mean"), strategy.reduce(grads, reduce_op="mean")
+        return self.reduce_mean(losses), self.reduce_mean(grads)
 
     # -- evaluation ----------------------------------------------------------------------------------------
     @property
@@ -195,50 +218,63 @@ class ParetoModuleBase(pl.LightningModule):
     def eval_weights(self) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _eval_start(self) -> None:
-        self._eval_stats = None
+    def front_metric(self, rays: Tensor | None = None, **kwargs: Any) -> FrontStatistics:
+        """A fresh :class:`FrontStatistics` of this module's objectives at ``rays`` (default: ``front_rays``)."""
+        rays = self.front_rays if rays is None else rays
+        return FrontStatistics(self.objective_set, rays, self.ref_point, hard=self.eval_metric == "hard", **kwargs)
 
-    def _eval_step(self, batch: Any, weights: dict[str, Tensor] | None = None) -> None:
+    @override
+    def configure_metrics(self) -> MetricCollection:
+        """``front``: the front at ``front_rays`` over the split (``val/…``, ``test/…``)."""
+        return MetricCollection({"front": self.front_metric()})
+
+    def _stage_front(self, stage: str) -> FrontStatistics:
+        metric = self.stage_metrics(stage)["front"]
+        assert isinstance(metric, FrontStatistics)
+        return metric
+
+    def _eval_step(self, batch: Any, metric: FrontStatistics, weights: dict[str, Tensor] | None = None) -> None:
         self._require_built()
         outputs = self._outputs(self.eval_weights() if weights is None else weights, _batch_inputs(batch))
-        stats = self.objective_set.statistics(outputs, batch)
-        self._eval_stats = stats if self._eval_stats is None else self._eval_stats + stats
+        metric.update(outputs, batch)
 
     def _eval_end(self, stage: str) -> FrontEvaluation | None:
-        stats = self._eval_stats
-        self._eval_stats = None
-        if stats is None:
+        """Compute the front of the whole split (``compute`` sums the statistics over ranks), log it, reset."""
+        metric = self._stage_front(stage)
+        if self.all_ranks(metric.update_count == 0):
             return None
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            stats = trainer.strategy.reduce(stats, reduce_op="sum")
-        losses = self.objective_set.from_statistics(stats, hard=self.hparams.get("eval_metric", "hard") == "hard")
-        front = evaluate_front(losses, self.front_rays, self.ref_point, self.objective_set.names)
-        logs = {f"{stage}/hv": front.hv, f"{stage}/uniformity": front.uniformity}
-        for j, name in enumerate(self.objective_set.names):
-            logs[f"{stage}/{name}_mean"] = float(losses[:, j].mean())
-        # the statistics were summed over ranks above, so every rank logs the same values
-        self.log_dict(logs, prog_bar=False, sync_dist=True)
+        front = metric.compute()
+        metric.reset()
+        logs = {f"{stage}/{k}": v for k, v in front.scalars().items()}
+        # the values are already the whole split's and equal on every rank; a max "sync" of equal values returns
+        # them bit for bit (a mean might not) and tells Lightning they are reduced
+        self.log_dict(logs, prog_bar=False, sync_dist=True, reduce_fx="max")
         self.last_front = front
         return front
 
+    @override
     def on_validation_epoch_start(self) -> None:
-        self._eval_start()
+        self._stage_front("val").reset()
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
-            self._eval_step(batch)
+            self._eval_step(batch, self._stage_front("val"))
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
 
+    @override
     def on_test_epoch_start(self) -> None:
-        self._eval_start()
+        self._stage_front("test").reset()
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
-            self._eval_step(batch)
+            self._eval_step(batch, self._stage_front("test"))
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
 
@@ -246,29 +282,28 @@ class ParetoModuleBase(pl.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} has fixed rays; evaluate it at its own rays")
 
     @torch.no_grad()
-    def evaluate(self, dataloader: Any, rays: Tensor | None = None) -> FrontEvaluation:
+    def evaluate(
+        self, dataloader: Iterable[Any], rays: Tensor | Sequence[Sequence[float]] | None = None
+    ) -> FrontEvaluation:
         """Front on every batch of ``dataloader`` at ``rays`` (default: the evaluation rays); no Trainer needed.
 
-        Single process: under DDP use the Trainer's ``validate``/``test``, which reduce over ranks.
+        The same :class:`FrontStatistics` as validation, in this process only (``sync_on_compute=False``): under
+        DDP use the Trainer's ``validate``/``test``, which sum the statistics over ranks.
         """
         self._require_built()
-        if rays is not None:
-            rays = torch.stack([validate_ray(r, self.num_objectives) for r in rays]).to(self.device)
+        ray_t = None if rays is None else torch.stack([validate_ray(r, self.num_objectives) for r in rays])
+        metric = self.front_metric(ray_t, sync_on_compute=False).to(self.device)
         was_training = self.training
         self.eval()
-        self._eval_start()
-        weights = None if rays is None else self.weights_for_rays(rays)
-        for batch in dataloader:
-            self._eval_step([b.to(self.device) if isinstance(b, Tensor) else b for b in batch], weights)
-        stats = self._eval_stats
-        self._eval_stats = None
-        self.train(was_training)
-        if stats is None:
+        try:
+            weights = None if ray_t is None else self.weights_for_rays(ray_t.to(self.device))
+            for batch in dataloader:
+                self._eval_step([b.to(self.device) if isinstance(b, Tensor) else b for b in batch], metric, weights)
+        finally:
+            self.train(was_training)
+        if metric.update_count == 0:
             raise ValueError("evaluate() got an empty dataloader")
-        losses = self.objective_set.from_statistics(stats, hard=self.hparams.get("eval_metric", "hard") == "hard")
-        return evaluate_front(
-            losses, self.front_rays if rays is None else rays, self.ref_point, self.objective_set.names
-        )
+        return metric.compute()
 
 
 class ParetoHyperNetModule(ParetoModuleBase):
@@ -295,8 +330,10 @@ class ParetoHyperNetModule(ParetoModuleBase):
         chunk_emb_dim: Chunk-embedding size of the chunked hypernet.
         out_init_std: Std of the hypernet output layer's weights (``None``: PyTorch default, as the official code).
         init_bias_from_target: Start the hypernet at the target's own initialisation (output bias = its weights).
-        lr: Adam learning rate (paper: 1e-4).
-        weight_decay: Adam weight decay.
+        optimizer: Optimizer of the hypernetwork parameters φ (paper: ``Adam(lr=1e-4)``, the default), e.g.
+            ``--model.optimizer torch.optim.AdamW --model.optimizer.lr 3e-4``.
+        lr_scheduler: Optional learning-rate schedule of ``optimizer``, stepped once per epoch
+            (``ReduceLROnPlateau`` follows ``val/hv``; give it ``mode="max"``).
         gradient_clip_val: Clip the hypernet gradient norm to this value (``None``: no clipping).
         num_test_rays: Number of test rays for m = 2.
         test_ray_partitions: Das–Dennis partitions of the test rays for m ≥ 3 (interior points only).
@@ -326,8 +363,8 @@ class ParetoHyperNetModule(ParetoModuleBase):
         chunk_emb_dim: int = 8,
         out_init_std: float | None = None,
         init_bias_from_target: bool = False,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
+        optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=1e-4, weight_decay=0.0),
+        lr_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = None,
         num_test_rays: int = 25,
         test_ray_partitions: int = 12,
@@ -337,7 +374,7 @@ class ParetoHyperNetModule(ParetoModuleBase):
         predict_ray: list[float] | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(seed=seed)
         ignore = ["predict_ray"] + (["target"] if isinstance(target, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
         if alpha <= 0:
@@ -356,8 +393,8 @@ class ParetoHyperNetModule(ParetoModuleBase):
             in_dim,
             target_hidden,
             out_dim,
-            lr,
-            weight_decay,
+            optimizer,
+            lr_scheduler,
             gradient_clip_val,
             ref_point,
             eval_metric,
@@ -371,6 +408,7 @@ class ParetoHyperNetModule(ParetoModuleBase):
         self._predict_ray: Tensor | None = None
         self.predict_ray = predict_ray
 
+    @override
     def _build_weights(self, target: nn.Module) -> None:
         hp = self.hparams
         self.hnet = HyperNetwork(
@@ -393,6 +431,7 @@ class ParetoHyperNetModule(ParetoModuleBase):
         self._predict_ray = None if ray is None else validate_ray(ray, self.num_objectives)
 
     @property
+    @override
     def front_rays(self) -> Tensor:
         return self._front_rays
 
@@ -402,15 +441,18 @@ class ParetoHyperNetModule(ParetoModuleBase):
         return sample_rays(hp["rays_per_step"], self.num_objectives, hp["alpha"], hp["seed"], int(self.ray_step))
 
     # -- weights for rays ------------------------------------------------------------------------------------
+    @override
     def weights_for_rays(self, rays: Tensor) -> dict[str, Tensor]:
         """Generated target weights, name → (K, *shape), for (K, m) rays."""
         self._require_built()
         assert self.hnet is not None
         return self.hnet(rays.to(self.device, torch.float32))
 
+    @override
     def eval_weights(self) -> dict[str, Tensor]:
         return self.weights_for_rays(self.front_rays)
 
+    @override
     def forward(self, x: Tensor, ray: Sequence[float] | Tensor) -> Tensor:
         """Target outputs for one preference ray."""
         r = validate_ray(ray, self.num_objectives)
@@ -427,12 +469,10 @@ class ParetoHyperNetModule(ParetoModuleBase):
         return net.eval()
 
     # -- training ----------------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        self._require_built()
+    @override
+    def _trainable_parameters(self) -> Iterable[nn.Parameter]:
         assert self.hnet is not None
-        return torch.optim.Adam(
-            self.hnet.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
-        )
+        return self.hnet.parameters()
 
     def _epo_gradients(self, losses: Tensor, flat: Tensor) -> tuple[Tensor, Tensor]:
         assert self.hnet is not None
@@ -442,7 +482,9 @@ class ParetoHyperNetModule(ParetoModuleBase):
             grads = objective_gradients(losses, [p for p in self.hnet.parameters() if p.requires_grad])
         return self.all_reduce_for_epo(losses, grads)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One step on the K rays of :meth:`training_rays` (PHN-LS: Σ r_j ℓ_j; PHN-EPO: the EPO LP's weights)."""
         self._require_built()
         assert self.hnet is not None
         rays = self.training_rays().to(self.device)
@@ -456,6 +498,7 @@ class ParetoHyperNetModule(ParetoModuleBase):
         return out.loss.detach()
 
     # -- prediction --------------------------------------------------------------------------------------------
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Predictions (probabilities) of the network for ``predict_ray`` on the batch's inputs."""
         if self._predict_ray is None:

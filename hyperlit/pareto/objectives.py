@@ -137,6 +137,11 @@ class ObjectiveSet:
     def num_objectives(self) -> int:
         return len(self.names)
 
+    @property
+    def num_statistics(self) -> int:  # pragma: no cover - interface
+        """S, the number of additive statistics per ray that :meth:`statistics` returns."""
+        raise NotImplementedError
+
     def losses(self, outputs: Tensor, batch: Sequence[Tensor]) -> Tensor:  # pragma: no cover - interface
         """(K, m) training losses of one batch."""
         raise NotImplementedError
@@ -174,6 +179,10 @@ class FairnessObjectives(ObjectiveSet):
                 f"fairness objectives must be >= 2 distinct names from {FAIRNESS_OBJECTIVES}, got {list(names)}"
             )
         self.names = names
+
+    @property
+    def num_statistics(self) -> int:
+        return 2 + 3 * len(self._GY)
 
     @staticmethod
     def _unpack(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,6 +243,10 @@ class MultiTaskObjectives(ObjectiveSet):
         if num_tasks < 2:
             raise ValueError(f"multi-task objectives need >= 2 tasks, got {num_tasks}")
         self.names = tuple(f"ce_{t}" for t in range(num_tasks))
+
+    @property
+    def num_statistics(self) -> int:
+        return 2 * self.num_objectives + 1  # per task: Σ CE, Σ errors; then n
 
     def losses(self, outputs: Tensor, batch: Sequence[Tensor]) -> Tensor:
         return multitask_cross_entropy(outputs, batch[1])

@@ -21,7 +21,7 @@ Penalty convention (see :mod:`hyperlit.nn.penalties`): ``squared_norm=True`` (de
 covers every generated parameter (weights and biases: 7,850 for 784-10, as in the paper), is added once per
 minibatch to the *mean* data loss, and the data loss is the mean over the K hyperparameter samples.
 
-Where the paper and its code differ (``/work/shared/reference/stn.md`` §5) the defaults follow the paper: squared
+Where the paper (Lorraine & Duvenaud 2018) and its official code differ, the defaults follow the paper: squared
 norm, p(λ) = N(0, 1.5²), two λ samples per φ-step; the code's choices are one argument away
 (``squared_norm=False``, ``prior_mean=1.0, prior_std=3.0, prior_clip=(-inf, 4)``, ``num_samples=10``). The paper
 trains with squared error on one-hot labels (``loss="mse"``); ``cross_entropy`` is the default here.
@@ -29,19 +29,25 @@ trains with squared error on one-hot labels (``loss="mse"``); ``cross_entropy`` 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from hyperlit.hparams import Hyperparameter
 from hyperlit.models.mlp import MLP
 from hyperlit.nn.functional import batched_call, materialize
 from hyperlit.nn.hypernet import HyperNetwork, target_shapes
 from hyperlit.nn.penalties import expand_strengths, weighted_l2
+from hyperlit.tuning._factories import drop_factory_hparams
 from hyperlit.tuning.bilevel import BilevelModule
 
 __all__ = ["BestResponseModule"]
@@ -98,20 +104,14 @@ class BestResponseModule(BilevelModule):
         histogram_every_n_epochs: Log histograms of vector λ (TensorBoard-like loggers) every so many epochs.
         plot_schedule: Add the :class:`~hyperlit.callbacks.hparam_schedule.HyperparameterSchedule` callback.
         train_steps: φ-steps per ``hyper_steps`` λ-steps (local/simplified; forced to 0 in the global mode).
-        hyper_steps: λ-steps per cycle (in the global mode: λ-steps per batch of phase 2).
-        warmup_epochs: φ-only epochs before λ moves (global mode: the length of phase 1).
-        warmup_steps: φ-only steps before λ moves (global mode: the length of phase 1).
-        hnet_input: Hypernet input: ``unconstrained`` (λ itself) or ``constrained`` (exp(λ)).
-        phi_optimizer: ``adam`` (paper) or ``sgd`` (official local code, no momentum).
-        phi_lr: Learning rate of φ.
-        phi_momentum: SGD momentum of φ.
-        phi_weight_decay: Weight decay on φ (the hypernet's own parameters).
-        hyper_lr: Adam learning rate of λ (official code: 0.01).
-        grad_clip: Clip φ's gradient norm (``None``: no clipping).
-        lr_milestones: Epochs at which φ's learning rate is multiplied by ``lr_gamma``.
-        lr_gamma: Factor of that decay.
-        nan_policy: ``raise`` or ``skip`` non-finite steps.
-        seed: Seed of the module's generator (all λ sampling).
+        phi_optimizer: Optimizer of the hypernetwork φ (first optimizer; paper: Adam; the official local code: SGD
+            without momentum).
+        hyper_optimizer: Optimizer of λ̂ (second optimizer; official code: Adam lr 0.01). The third optimizer, σ's,
+            is never stepped: σ stays at the entries' ``init_sigma``.
+        **kwargs: The loop's other settings — ``hyper_steps`` (λ-steps per cycle; global mode: per batch of phase
+            2), ``warmup_epochs``/``warmup_steps`` (φ-only steps before λ moves; global mode: phase 1),
+            ``hnet_input`` (``unconstrained`` λ or ``constrained`` exp(λ)), ``phi_lr_scheduler``, ``grad_clip``,
+            ``nan_policy`` and ``seed`` (all λ sampling): see :class:`~hyperlit.tuning.bilevel.BilevelModule`.
     """
 
     def __init__(
@@ -140,20 +140,9 @@ class BestResponseModule(BilevelModule):
         histogram_every_n_epochs: int = 1,
         plot_schedule: bool = True,
         train_steps: int = 1,
-        hyper_steps: int = 1,
-        warmup_epochs: int = 0,
-        warmup_steps: int = 0,
-        hnet_input: Literal["unconstrained", "constrained"] = "unconstrained",
-        phi_optimizer: Literal["sgd", "adam"] = "adam",
-        phi_lr: float = 1e-3,
-        phi_momentum: float = 0.0,
-        phi_weight_decay: float = 0.0,
-        hyper_lr: float = 0.01,
-        grad_clip: float | None = None,
-        lr_milestones: list[int] | None = None,
-        lr_gamma: float = 0.1,
-        nan_policy: Literal["raise", "skip"] = "raise",
-        seed: int = 0,
+        phi_optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=1e-3),
+        hyper_optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=0.01),
+        **kwargs: Any,
     ) -> None:
         if mode not in ("global", "local", "simplified"):
             raise ValueError(f"mode must be 'global', 'local' or 'simplified', got {mode!r}")
@@ -172,7 +161,7 @@ class BestResponseModule(BilevelModule):
         if histogram_every_n_epochs < 1:
             raise ValueError(f"histogram_every_n_epochs must be >= 1, got {histogram_every_n_epochs}")
         if mode == "global":
-            if warmup_steps == 0 and warmup_epochs == 0:
+            if kwargs.get("warmup_steps", 0) == 0 and kwargs.get("warmup_epochs", 0) == 0:
                 raise ValueError(
                     "the global mode fits φ over p(λ) during the warm-up (phase 1) and then freezes it: set "
                     "warmup_steps or warmup_epochs > 0"
@@ -183,6 +172,9 @@ class BestResponseModule(BilevelModule):
 
         if target is None:
             target = MLP(input_dim, hidden_sizes, num_classes)
+            classes: int | None = num_classes if num_classes > 1 else None
+        else:
+            classes = None
         shapes = target_shapes(target)
         numels = [math.prod(s) for s in shapes.values()]
         if hyperparameters is None:  # (not reassigning the argument: save_hyperparameters records it as given)
@@ -215,22 +207,12 @@ class BestResponseModule(BilevelModule):
         super().__init__(
             hyperparameters=entries,
             train_steps=train_steps,
-            hyper_steps=hyper_steps,
-            warmup_epochs=warmup_epochs,
-            warmup_steps=warmup_steps,
             entropy_weight=0.0,
             tune_sigma=False,
-            hnet_input=hnet_input,
             phi_optimizer=phi_optimizer,
-            phi_lr=phi_lr,
-            phi_momentum=phi_momentum,
-            phi_weight_decay=phi_weight_decay,
-            hyper_lr=hyper_lr,
-            grad_clip=grad_clip,
-            lr_milestones=lr_milestones,
-            lr_gamma=lr_gamma,
-            nan_policy=nan_policy,
-            seed=seed,
+            hyper_optimizer=hyper_optimizer,
+            sigma_optimizer=functools.partial(torch.optim.Adam, lr=3e-3),  # σ is fixed: never stepped
+            **kwargs,
         )
         if hnet_hidden is None:  # the paper's: 50 ReLU units (global), factorized rank 10 (vector λ), linear
             hnet_hidden = (50,) if mode == "global" else (10,) if self.space.dim > 1 else ()
@@ -272,9 +254,12 @@ class BestResponseModule(BilevelModule):
         self.register_buffer("hnet_offset", offset if offset is not None else torch.zeros(self.space.dim))
         self.target = target.requires_grad_(False)  # run functionally: its own parameters are never used or trained
         self.penalty_name = entries[0].name
+        self.num_classes = classes  # of the default MLP target (the accuracy's; None: not known)
         self.save_hyperparameters(ignore=["target"])
+        drop_factory_hparams(self)  # Python callables would not load with weights_only
 
     # -- sampling (hooks of the loop) -----------------------------------------------------------------
+    @override
     def sample_train_lambda(self, batch_size: int) -> Tensor:
         """λ samples (K, H) of a φ-step: p(λ) (global), N(λ̂, σ²) (local) or λ̂ (simplified); detached."""
         u = self.space.unconstrained.detach()
@@ -288,10 +273,12 @@ class BestResponseModule(BilevelModule):
             lam = lam.clamp(*self.prior_clip)
         return lam
 
+    @override
     def sample_hyper_lambda(self, batch_size: int) -> Tensor:
         """λ̂ itself (1, H), carrying gradient: the λ-step descends L_val(w_φ(λ̂))."""
         return self.space.unconstrained.unsqueeze(0)
 
+    @override
     def phi_parameters(self) -> list[nn.Parameter]:
         """The hypernetwork's parameters (the target's own parameters are placeholders)."""
         return [p for p in self.hnet.parameters() if p.requires_grad]
@@ -321,6 +308,7 @@ class BestResponseModule(BilevelModule):
         weights = {n: w[0] for n, w in self.best_response().items()}
         return materialize(self.target, weights).requires_grad_(True)
 
+    @override
     def forward(self, x: Tensor, lam: Tensor | None = None) -> Tensor:
         """Target outputs (K, B, …) for unconstrained ``lam`` (K, H); (B, …) at λ̂ when ``lam`` is None."""
         out = batched_call(self.target, self.best_response(lam), x)
@@ -340,6 +328,7 @@ class BestResponseModule(BilevelModule):
         return (out - onehot).square().mean(dim=(1, 2))
 
     # -- the two objectives -------------------------------------------------------------------------------
+    @override
     def train_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """``mean_k [L_train(w_φ(λ_k)) + R(w_φ(λ_k), exp(λ_k))]`` over the K samples ``lam`` (K, H)."""
         x, y = batch
@@ -348,35 +337,38 @@ class BestResponseModule(BilevelModule):
         data = self._data_loss(out, y)
         strength = expand_strengths(self.space.constrained(lam), self.hnet.numels)
         reg = weighted_l2(flat, strength, squared=self.squared_norm)
-        if self._should_log():
+        if self.should_log_step():
             self.log_dict({"train/data_loss": data.mean().detach(), "train/penalty": reg.mean().detach()})
         return (data + reg).mean()
 
+    @override
     def hyper_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """Unregularized validation loss of ``w_φ(λ)``; λ's gradient flows only through the hypernetwork."""
         x, y = batch
         return self._data_loss(self(x, lam), y).mean()
 
-    def eval_metrics(self, batch: Any) -> dict[str, Tensor]:
+    @override
+    def evaluate(self, batch: Any) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Unregularized loss of ``w_φ(λ̂)`` and, for integer labels, its logits and the labels."""
         x, y = batch
         with torch.no_grad():
             out = self(x, self.space.unconstrained.unsqueeze(0))
-        metrics = {"loss": self._data_loss(out, y).mean()}
-        if not y.is_floating_point():
-            metrics["acc"] = (out[0].argmax(-1) == y).float().mean()
+        loss = self._data_loss(out, y).mean()
+        return loss, (None if y.is_floating_point() else (out[0], y))
+
+    @override
+    def configure_metrics(self) -> MetricCollection:
+        """Loss and micro accuracy (the accuracy is updated only for integer class labels)."""
+        metrics = super().configure_metrics()
+        metrics.add_metrics({"acc": MulticlassAccuracy(num_classes=self.num_classes, average="micro")})
         return metrics
 
     # -- Lightning -------------------------------------------------------------------------------------
-    def _should_log(self) -> bool:
-        """Extra per-step metrics only every ``log_every_n_steps`` φ-steps (each ``self.log`` call costs ~ms)."""
-        if self._trainer is None:
-            return False
-        return int(self.phi_steps) % max(1, self.trainer.log_every_n_steps) == 0
-
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
         before = int(self.hyper_steps_done)
         super().training_step(batch, batch_idx)
-        if int(self.hyper_steps_done) != before and self._should_log():
+        if int(self.hyper_steps_done) != before and self.should_log_step():
             u = self.space.unconstrained.detach()
             if self.space.dim == 1:
                 self.log(f"log_hparam/{self.penalty_name}", u[0], on_step=True, on_epoch=False)
@@ -390,6 +382,7 @@ class BestResponseModule(BilevelModule):
                     on_epoch=False,
                 )
 
+    @override
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         if self.space.dim > 1 and self.current_epoch % self.histogram_every_n_epochs == 0:
@@ -408,6 +401,7 @@ class BestResponseModule(BilevelModule):
                     f"hparam/{self.penalty_name}", self.space.constrained().detach().cpu(), int(self.hyper_steps_done)
                 )
 
+    @override
     def configure_callbacks(self) -> list[Callback]:
         if not self.plot_schedule:
             return []
@@ -415,8 +409,9 @@ class BestResponseModule(BilevelModule):
 
         return [HyperparameterSchedule()]
 
+    @override
     def on_train_end(self) -> None:
         super().on_train_end()
         val = self.trainer.callback_metrics.get("val/loss")
-        if val is not None and self.trainer.is_global_zero:
-            print(f"Final validation loss: {float(val):.4f}")
+        if val is not None:
+            self.info(f"Final validation loss: {float(val):.4f}")

@@ -9,15 +9,22 @@ scale σ) descend the held-out loss through ``ŵ_φ`` (λ-steps):
 * λ-step (STN Alg. 1 line 7): model in eval mode, ``λ, σ ← descend L_val(ŵ_φ(λ + σ ⊙ ε)) − τ · H[p(ε | σ)]``
   (the entropy term and the perturbation only when σ is tuned).
 
-Each Lightning training batch is ``{"train": ..., "hyper": ...}`` (see :mod:`hyperlit.streams`). A batch always
-gives one φ-step (unless ``train_steps == 0`` after warm-up, i.e. φ frozen: L&D's global mode, phase 2); after
-warm-up, λ-steps are interleaved so that there are ``hyper_steps`` λ-steps for every ``train_steps`` φ-steps, on
-the batch's ``hyper`` part (when ``hyper_steps > train_steps`` several λ-steps share that batch, each with a fresh
-perturbation). An epoch is therefore one pass over the training stream; the hyper stream is cycled.
+Each Lightning training batch is ``{"train": ..., "hyper": ...}`` (see :mod:`hyperlit.streams`; the module says
+``uses_hyper_stream = True``). A batch always gives one φ-step (unless ``train_steps == 0`` after warm-up, i.e. φ
+frozen: L&D's global mode, phase 2); after warm-up, λ-steps are interleaved so that there are ``hyper_steps``
+λ-steps for every ``train_steps`` φ-steps, on the batch's ``hyper`` part (when ``hyper_steps > train_steps``
+several λ-steps share that batch, each with a fresh perturbation). An epoch is therefore one pass over the training
+stream; the hyper stream is cycled.
+
+Optimizers (always three, in this order): ``[φ, λ, σ]``, built from the ``phi_optimizer``, ``hyper_optimizer`` and
+``sigma_optimizer`` factories; σ's is stepped only when σ is tuned. Lightning's ``global_step`` counts every
+optimizer step, so it advances by up to three per batch; the loop's own counters (``phi_steps``,
+``hyper_steps_done``) drive warm-up and alternation.
 
 Under DDP the hyperparameters are excluded from DDP's reducer (``_ddp_params_and_buffers_to_ignore``) and their
 gradients are computed with ``torch.autograd.grad`` and averaged over ranks by hand, so neither phase leaves
-parameters without gradients.
+parameters without gradients. Logged losses and accuracies are ``torchmetrics`` metrics: under DDP every rank
+logs the value over the whole split.
 """
 
 from __future__ import annotations
@@ -25,24 +32,30 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.functional.classification import multiclass_accuracy
+from typing_extensions import override
 
-from hyperlit.checkpoint import CheckpointedGenerator, CheckpointMismatchError, check_state_dict
+from hyperlit.base import HyperlitModule
 from hyperlit.hparams import Hyperparameter, HyperparameterSpace
-from hyperlit.streams import attach_hyper_stream, detach_hyper_stream, split_streams
+from hyperlit.streams import split_streams
+from hyperlit.tuning._factories import picklable_factory
+from hyperlit.tuning.metrics import weighted_mean
 
 __all__ = ["BilevelModule"]
 
 
-class BilevelModule(CheckpointedGenerator, pl.LightningModule):
+class BilevelModule(HyperlitModule):
     """Base LightningModule for hyperparameter tuning with a best-response approximation.
 
-    Subclasses implement :meth:`train_loss` and :meth:`hyper_loss` (and usually :meth:`eval_metrics`).
+    Subclasses implement :meth:`train_loss` and :meth:`hyper_loss` (and usually :meth:`evaluate` and
+    :meth:`configure_metrics`, for an accuracy).
 
     Args:
         hyperparameters: The tuned hyperparameters; ``None`` uses :meth:`default_hyperparameters`.
@@ -53,20 +66,21 @@ class BilevelModule(CheckpointedGenerator, pl.LightningModule):
         entropy_weight: τ, the weight of the perturbation entropy in the λ-step objective.
         tune_sigma: Learn the perturbation scale σ (with the entropy term) in the λ-steps.
         hnet_input: What the hypernetwork sees: ``unconstrained`` (official CNN) or ``constrained`` values.
-        phi_optimizer: ``sgd`` or ``adam`` for the weights φ.
-        phi_lr: Learning rate of φ.
-        phi_momentum: SGD momentum of φ.
-        phi_weight_decay: Weight decay of φ.
-        hyper_lr: Adam learning rate of λ.
-        sigma_lr: Adam learning rate of σ's unconstrained scale.
+        phi_optimizer: Optimizer of the weights φ (first optimizer; official CNN: SGD lr 0.01, momentum 0.9).
+        hyper_optimizer: Optimizer of the hyperparameters λ (second optimizer; official: Adam lr 3e-3).
+        sigma_optimizer: Optimizer of σ's unconstrained scale (third optimizer, stepped only with ``tune_sigma``;
+            official: Adam lr 3e-3).
+        phi_lr_scheduler: Learning-rate schedule of φ's optimizer, stepped once per epoch (``None``: constant), e.g.
+            ``lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [60, 120, 160], 0.1)``.
         grad_clip: Clip φ's gradient norm to this value (``None``: no clipping).
-        lr_milestones: Epochs at which φ's learning rate is multiplied by ``lr_gamma``.
-        lr_gamma: Factor of the learning-rate decay.
         nan_policy: On a non-finite loss or hyperparameter: ``raise`` (stop with the step and the value) or
             ``skip`` (skip that step with a warning and count it in ``skipped_steps``).
-        seed: Seed of the module's generator (perturbations, dropout masks, augmentation).
+        seed: Seed of the module's generator (perturbations, dropout masks, augmentation); rank ``r`` of a DDP run
+            draws from ``seed + 1_000_003·r``.
     """
 
+    #: training batches are ``{"train": ..., "hyper": ...}`` (see :mod:`hyperlit.streams`)
+    uses_hyper_stream: ClassVar[bool] = True
     #: step counters that ``--init_from`` (:func:`hyperlit.checkpoint.load_weights`) leaves at zero: a new run
     init_from_skip: tuple[str, ...] = ("phi_steps", "warmup_phi_steps", "hyper_steps_done", "skipped_steps")
 
@@ -80,54 +94,48 @@ class BilevelModule(CheckpointedGenerator, pl.LightningModule):
         entropy_weight: float = 1e-3,
         tune_sigma: bool = True,
         hnet_input: Literal["unconstrained", "constrained"] = "unconstrained",
-        phi_optimizer: Literal["sgd", "adam"] = "sgd",
-        phi_lr: float = 0.01,
-        phi_momentum: float = 0.9,
-        phi_weight_decay: float = 0.0,
-        hyper_lr: float = 3e-3,
-        sigma_lr: float = 3e-3,
+        phi_optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+        hyper_optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=3e-3),
+        sigma_optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=3e-3),
+        phi_lr_scheduler: LRSchedulerCallable | None = None,
         grad_clip: float | None = None,
-        lr_milestones: list[int] | None = None,
-        lr_gamma: float = 0.1,
         nan_policy: Literal["raise", "skip"] = "raise",
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.automatic_optimization = False
+        super().__init__(seed=seed)
         if train_steps < 0 or hyper_steps < 1:
             raise ValueError(f"need train_steps >= 0 and hyper_steps >= 1, got {train_steps}, {hyper_steps}")
         if warmup_epochs < 0 or warmup_steps < 0:
             raise ValueError(f"warm-up lengths must be >= 0, got {warmup_epochs} epochs, {warmup_steps} steps")
         if train_steps == 0 and warmup_epochs == 0 and warmup_steps == 0:
             raise ValueError("train_steps=0 freezes φ after warm-up, so it needs a warm-up (phase 1)")
-        for name, lr in (("phi_lr", phi_lr), ("hyper_lr", hyper_lr), ("sigma_lr", sigma_lr)):
-            if not lr > 0:
-                raise ValueError(f"{name} must be > 0, got {lr}")
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}")
-        if phi_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"phi_optimizer must be 'sgd' or 'adam', got {phi_optimizer!r}")
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+        for name, factory in (
+            ("phi_optimizer", phi_optimizer),
+            ("hyper_optimizer", hyper_optimizer),
+            ("sigma_optimizer", sigma_optimizer),
+        ):
+            if not callable(factory):
+                raise TypeError(f"{name} must be a callable building an optimizer from parameters, got {factory!r}")
+        if phi_lr_scheduler is not None and not callable(phi_lr_scheduler):
+            raise TypeError(f"phi_lr_scheduler must be a callable or None, got {phi_lr_scheduler!r}")
         self.train_steps = train_steps
         self.hyper_steps = hyper_steps
         self.warmup_epochs = warmup_epochs
         self.warmup_steps = warmup_steps
         self.entropy_weight = entropy_weight
         self.tune_sigma = tune_sigma
-        self.phi_optimizer = phi_optimizer
-        self.phi_lr = phi_lr
-        self.phi_momentum = phi_momentum
-        self.phi_weight_decay = phi_weight_decay
-        self.hyper_lr = hyper_lr
-        self.sigma_lr = sigma_lr
+        self.phi_optimizer = picklable_factory(self, phi_optimizer)
+        self.hyper_optimizer = picklable_factory(self, hyper_optimizer)
+        self.sigma_optimizer = picklable_factory(self, sigma_optimizer)
+        self.phi_lr_scheduler = picklable_factory(self, phi_lr_scheduler)
         self.grad_clip = grad_clip
-        self.lr_milestones = list(lr_milestones or [])
-        self.lr_gamma = lr_gamma
         self.nan_policy = nan_policy
-        self.seed = seed
 
         entries = list(hyperparameters) if hyperparameters is not None else self.default_hyperparameters()
         self.space = HyperparameterSpace(entries, hnet_input=hnet_input)
@@ -137,6 +145,8 @@ class BilevelModule(CheckpointedGenerator, pl.LightningModule):
         self.register_buffer("hyper_steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.schedule: list[dict[str, float]] = []
+        #: mean held-out loss of the λ-steps (logged as ``hyper/loss``)
+        self.hyper_loss_metric = weighted_mean()
         # λ and σ get their gradients by hand (see module docstring); DDP must not reduce them
         self._ddp_params_and_buffers_to_ignore = ["space.unconstrained", "space.scale"]
 
@@ -158,9 +168,24 @@ class BilevelModule(CheckpointedGenerator, pl.LightningModule):
         first = batch[0] if isinstance(batch, (list, tuple)) else batch
         return int(first.shape[0])
 
+    def evaluate(self, batch: Any) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Validation/test outputs at the current, unperturbed hyperparameters: the batch's mean loss and, for a
+        classifier, ``(logits, labels)`` for the accuracy (``None`` otherwise)."""
+        return self.hyper_loss(batch, self.space.repeat(self.batch_size(batch))), None
+
     def eval_metrics(self, batch: Any) -> dict[str, Tensor]:
-        """Metrics of Lightning's validation/test loops at the current, unperturbed hyperparameters."""
-        return {"loss": self.hyper_loss(batch, self.space.repeat(self.batch_size(batch)))}
+        """The metrics of one batch (``loss`` and, for classifiers, ``acc``) without a Trainer."""
+        loss, classes = self.evaluate(batch)
+        metrics = {"loss": loss}
+        if classes is not None:
+            logits, labels = classes
+            metrics["acc"] = multiclass_accuracy(logits, labels, num_classes=logits.shape[-1], average="micro")
+        return metrics
+
+    @override
+    def configure_metrics(self) -> MetricCollection:
+        """Batch-size-weighted mean loss (subclasses add an accuracy)."""
+        return MetricCollection({"loss": weighted_mean()}, compute_groups=False)
 
     def phi_parameters(self) -> list[nn.Parameter]:
         """Parameters trained in φ-steps: every parameter outside the hyperparameter space by default."""
@@ -178,49 +203,46 @@ class BilevelModule(CheckpointedGenerator, pl.LightningModule):
             return self.space.perturb(batch_size, generator=self.rng)
         return self.space.repeat(batch_size)
 
-    # -- generator ---------------------------------------------------------------------------------
+    # -- generator and checkpoint state ---------------------------------------------------------------
+    @override
     def generator_seed(self) -> int:
         """Per-rank streams: under DDP every rank perturbs its own shard with its own ε."""
         return self.seed + 1_000_003 * self.global_rank
 
-    # -- Lightning hooks ---------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self._trainer is not None:
-            attach_hyper_stream(self.trainer)
+    @override
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """The tuned hyperparameters' names: a checkpoint of another search space cannot be resumed."""
+        return {"hyperparameter_names": list(self.space.names)}
 
-    def teardown(self, stage: str) -> None:
-        if stage == "fit" and self._trainer is not None:
-            detach_hyper_stream(self.trainer)
+    @override
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"schedule": list(self.schedule)}
 
+    @override
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.schedule = list(state.get("schedule", []))
+
+    # -- optimization ------------------------------------------------------------------------------
+    @override
     def configure_optimizers(self) -> Any:
-        """Optimizers in a fixed order: [φ optimizer, hyper optimizer (groups: λ, σ)]; φ's LR schedule."""
+        """Optimizers in a fixed order: ``[φ, λ, σ]``; φ's learning-rate schedule if one is given."""
         phi = self.phi_parameters()
         if not phi:
             raise ValueError(f"{type(self).__name__} has no φ parameters to train")
-        if self.phi_optimizer == "sgd":
-            opt_phi: torch.optim.Optimizer = torch.optim.SGD(
-                phi, lr=self.phi_lr, momentum=self.phi_momentum, weight_decay=self.phi_weight_decay
-            )
-        else:
-            opt_phi = torch.optim.Adam(phi, lr=self.phi_lr, weight_decay=self.phi_weight_decay)
-        opt_hyper = torch.optim.Adam(
-            [
-                {"params": [self.space.unconstrained], "lr": self.hyper_lr},
-                {"params": [self.space.scale], "lr": self.sigma_lr},
-            ]
-        )
-        if self.lr_milestones:
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt_phi, milestones=self.lr_milestones, gamma=self.lr_gamma)
-            return [opt_phi, opt_hyper], [sched]
-        return [opt_phi, opt_hyper]
+        opt_phi = self.build_optimizer(self.phi_optimizer, phi, "phi_optimizer")
+        opt_lam = self.build_optimizer(self.hyper_optimizer, [self.space.unconstrained], "hyper_optimizer")
+        opt_sigma = self.build_optimizer(self.sigma_optimizer, [self.space.scale], "sigma_optimizer")
+        sched = self.build_scheduler(self.phi_lr_scheduler, opt_phi, "phi_lr_scheduler")
+        return self.optimizers_config([opt_phi, opt_lam, opt_sigma], [sched])
 
     def in_warmup(self) -> bool:
         """Whether λ is still held fixed (warm-up in epochs and/or φ-steps)."""
         return self.current_epoch < self.warmup_epochs or int(self.phi_steps) < self.warmup_steps
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
         train_batch, hyper_batch = split_streams(batch)
-        opt_phi, opt_hyper = self.optimizers()
+        opt_phi, opt_lam, opt_sigma = self.optimizer_list()
         warm = self.in_warmup()
         if warm or self.train_steps > 0:
             self._phi_step(train_batch, opt_phi, warm)
@@ -233,7 +255,7 @@ class BilevelModule(CheckpointedGenerator, pl.LightningModule):
             # λ-steps are never taken during warm-up, so every λ-step so far counts against post-warm-up φ-steps
             owed = (post * self.hyper_steps) // self.train_steps - int(self.hyper_steps_done)
         for _ in range(max(0, owed)):
-            self._hyper_step(hyper_batch, opt_hyper)
+            self._hyper_step(hyper_batch, opt_lam, opt_sigma)
 
     def _phi_step(self, batch: Any, opt: Any, warm: bool) -> None:
         lam = self.sample_train_lambda(self.batch_size(batch))
@@ -248,9 +270,11 @@ class BilevelModule(CheckpointedGenerator, pl.LightningModule):
         if self.grad_clip is not None:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=lam.shape[0])
+        metric = self.stage_metrics("train")["loss"]
+        metric(loss.detach(), self.batch_size(batch))
+        self.log("train/loss", metric, prog_bar=True, on_step=True, on_epoch=True)
 
-    def _hyper_step(self, batch: Any, opt: Any) -> None:
+    def _hyper_step(self, batch: Any, opt_lam: Any, opt_sigma: Any) -> None:
         was_training = self.training
         self.eval()
         try:
@@ -264,12 +288,15 @@ class BilevelModule(CheckpointedGenerator, pl.LightningModule):
             return
         params = [self.space.unconstrained, self.space.scale] if self.tune_sigma else [self.space.unconstrained]
         grads = torch.autograd.grad(objective, params, allow_unused=True)
-        opt.zero_grad(set_to_none=True)
+        opt_lam.zero_grad(set_to_none=True)
+        opt_sigma.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = torch.zeros_like(p) if g is None else g
         self._reduce_hyper_grads(params)
         previous = [p.detach().clone() for p in params]
-        opt.step()
+        opt_lam.step()
+        if self.tune_sigma:
+            opt_sigma.step()
         try:
             self.space.check_finite(step=int(self.hyper_steps_done))
         except FloatingPointError as err:
@@ -281,25 +308,19 @@ class BilevelModule(CheckpointedGenerator, pl.LightningModule):
                     p.copy_(old)
             self.skipped_steps += 1
             return
-        self.log("hyper/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=lam.shape[0])
+        self.hyper_loss_metric(loss.detach(), self.batch_size(batch))
+        self.log("hyper/loss", self.hyper_loss_metric, prog_bar=True, on_step=True, on_epoch=True)
         self._record_hyperparameters()
 
     def _reduce_hyper_grads(self, params: Sequence[nn.Parameter]) -> None:
         """Average λ/σ gradients over DDP ranks (they bypass DDP's reducer)."""
-        if self._trainer is None or self.trainer.world_size <= 1:
-            return
         for p in params:
             if p.grad is not None:
-                p.grad = self.trainer.strategy.reduce(p.grad, reduce_op="mean")
+                p.grad = self.reduce_mean(p.grad)
 
     def _finite_or_handle(self, loss: Tensor, what: str) -> bool:
-        finite = torch.isfinite(loss).all()
-        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            # every rank must take (or skip) the step together, or the gradient all-reduce would deadlock
-            flag = finite.to(device=self.device, dtype=torch.float32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = flag.bool()
-        if finite:
+        # every rank must take (or skip) the step together, or the gradient all-reduce would deadlock
+        if self.all_ranks(torch.isfinite(loss).all()):
             return True
         msg = (
             f"non-finite {what} loss {loss.detach().cpu().tolist()} at φ-step {int(self.phi_steps)}, "
@@ -359,58 +380,30 @@ class BilevelModule(CheckpointedGenerator, pl.LightningModule):
             writer.writerows(self.schedule)
         return path
 
-    def on_train_epoch_end(self) -> None:
-        schedulers = self.lr_schedulers()
-        if schedulers is not None:
-            for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
-                sched.step()
-
+    @override
     def on_train_end(self) -> None:
         log_dir = self.trainer.log_dir  # a collective: call on every rank; None without a logger
         if self.trainer.is_global_zero:
             if self.schedule and log_dir and self.trainer.logger is not None:
                 path = self.write_schedule_csv(Path(log_dir) / "hparam_schedule.csv")
-                rank_zero_info(f"hyperparameter schedule written to {path}")
-            print(f"Tuned hyperparameters: {self.hyperparameter_summary()}")
+                self.info(f"hyperparameter schedule written to {path}")
+            self.info(f"Tuned hyperparameters: {self.hyperparameter_summary()}")
 
     # -- evaluation ----------------------------------------------------------------------------------
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        """Update the stage's loss (and accuracy) metrics; Lightning computes, syncs and resets them per epoch."""
+        loss, classes = self.evaluate(batch)
+        metrics = self.stage_metrics(stage)
+        metrics["loss"].update(loss.detach(), self.batch_size(batch))
+        self.log(f"{stage}/loss", metrics["loss"], prog_bar=stage == "val", on_step=False, on_epoch=True)
+        if classes is not None and "acc" in metrics:
+            metrics["acc"].update(*classes)
+            self.log(f"{stage}/acc", metrics["acc"], prog_bar=stage == "val", on_step=False, on_epoch=True)
+
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        metrics = self.eval_metrics(batch)
-        self.log_dict(
-            {f"val/{k}": v for k, v in metrics.items()},
-            prog_bar=True,
-            on_epoch=True,
-            batch_size=self.batch_size(batch),
-        )
+        self._eval_step(batch, "val")
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        metrics = self.eval_metrics(batch)
-        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, on_epoch=True, batch_size=self.batch_size(batch))
-
-    # -- checkpoint -------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["hyperlit"] = {
-            "module": type(self).__qualname__,
-            "hyperparameter_names": self.space.names,
-            "rng_state": self.rng.get_state(),
-            "schedule": list(self.schedule),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("hyperlit")
-        if state is None:
-            raise CheckpointMismatchError(
-                f"checkpoint was not written by a hyperlit tuning module; {type(self).__name__} cannot resume from it"
-            )
-        if state.get("module") != type(self).__qualname__:
-            raise CheckpointMismatchError(
-                f"checkpoint was written by {state.get('module')}, not {type(self).__qualname__}"
-            )
-        if list(state["hyperparameter_names"]) != self.space.names:
-            raise CheckpointMismatchError(
-                f"checkpoint tunes {state['hyperparameter_names']}, this model tunes {self.space.names}"
-            )
-        if "state_dict" in checkpoint:  # another architecture: one clear error instead of load_state_dict's
-            check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)
-        self.restore_rng(state["rng_state"])
-        self.schedule = list(state["schedule"])
+        self._eval_step(batch, "test")

@@ -19,10 +19,12 @@ layers — so the regularizers (per-example dropout, input dropout/scaling, colo
 code the STN uses, at one value for the whole batch, while the layers cost what plain layers cost. Discrete
 hyperparameters are floored, as the STN floors them.
 
-Optimization is manual (like every hyperlit module): one optimizer over the weights, an own step counter
-(``steps``, a buffer saved in checkpoints) that drives the replay, and a checkpointed generator for every mask.
-Validation and test log ``val/loss``, ``val/acc`` (``test/…``), the keys :class:`~hyperlit.tuning.stn.SelfTuningModule`
-logs, so one harness can compare both.
+Optimization is manual (like every hyperlit module): one optimizer over the weights (``optimizer``, default SGD
+lr 0.01 with momentum 0.9, and an optional per-epoch ``lr_scheduler``), an own step counter (``steps``, a buffer saved
+in checkpoints) that drives the replay, and a checkpointed generator for every mask. Training, validation and test
+log ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (``test/…``), the keys
+:class:`~hyperlit.tuning.stn.SelfTuningModule` logs, so one harness can compare both: ``torchmetrics`` metrics (a
+batch-size-weighted mean loss, micro accuracy), reduced over DDP ranks.
 """
 
 from __future__ import annotations
@@ -34,14 +36,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
-from hyperlit.checkpoint import CheckpointedGenerator, check_state_dict
+from hyperlit.base import HyperlitModule
 from hyperlit.hparams import Hyperparameter
 from hyperlit.nn.stn import StnConv2d, StnLinear, StnNet
+from hyperlit.tuning._factories import drop_factory_hparams, picklable_factory
+from hyperlit.tuning.metrics import weighted_mean
 from hyperlit.tuning.schedule_replay import ReplaySchedule, load_schedule
 
 __all__ = ["FixedHyperparameterModule", "PlainConv2d", "PlainLinear", "plain_twin"]
@@ -121,7 +128,7 @@ def _schedule_names(path: Path, names: list[str]) -> list[str]:
     return present
 
 
-class FixedHyperparameterModule(CheckpointedGenerator, pl.LightningModule):
+class FixedHyperparameterModule(HyperlitModule):
     """Plain classifier with fixed or replayed regularization hyperparameters (manual optimization).
 
     Args:
@@ -133,10 +140,8 @@ class FixedHyperparameterModule(CheckpointedGenerator, pl.LightningModule):
         replay: ``step`` (the STN's values at every φ-step) or ``epoch`` (per-epoch replay).
         plain: Train the :func:`plain_twin` of ``net`` (default); ``False`` keeps the STN layers and feeds them a
             zero hypernetwork input (same outputs, twice the layer parameters).
-        phi_optimizer: ``sgd`` or ``adam``.
-        phi_lr: Learning rate.
-        phi_momentum: SGD momentum.
-        phi_weight_decay: Weight decay.
+        optimizer: Optimizer of every weight (the only optimizer; default SGD lr 0.01, momentum 0.9, as the STN's φ).
+        lr_scheduler: Its learning-rate schedule, stepped once per epoch (``None``: constant).
         grad_clip: Gradient-norm clipping (``None``: off).
         seed: Seed of the module's generator (every dropout/augmentation draw).
 
@@ -154,25 +159,22 @@ class FixedHyperparameterModule(CheckpointedGenerator, pl.LightningModule):
         schedule: str | Path | ReplaySchedule | None = None,
         replay: Literal["step", "epoch"] = "step",
         plain: bool = True,
-        phi_optimizer: Literal["sgd", "adam"] = "sgd",
-        phi_lr: float = 0.01,
-        phi_momentum: float = 0.9,
-        phi_weight_decay: float = 0.0,
+        optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+        lr_scheduler: LRSchedulerCallable | None = None,
         grad_clip: float | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.automatic_optimization = False
+        super().__init__(seed=seed)
         if not isinstance(net, StnNet):
             raise TypeError(
                 f"net must be an StnNet (e.g. hyperlit.models.stn_cnn.StnSmallCNN), got {type(net).__name__}"
             )
         if replay not in ("step", "epoch"):
             raise ValueError(f"replay must be 'step' or 'epoch', got {replay!r}")
-        if phi_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"phi_optimizer must be 'sgd' or 'adam', got {phi_optimizer!r}")
-        if not phi_lr > 0 or (grad_clip is not None and not grad_clip > 0):
-            raise ValueError(f"need phi_lr > 0 and grad_clip > 0 or None, got {phi_lr}, {grad_clip}")
+        if not callable(optimizer) or (lr_scheduler is not None and not callable(lr_scheduler)):
+            raise TypeError(f"optimizer and lr_scheduler must be callables, got {optimizer!r}, {lr_scheduler!r}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
         entries = list(hyperparameters) if hyperparameters is not None else net.default_hyperparameters()
         known = set(getattr(net, "hparam_names", ()))
         foreign = [h.name for h in entries if h.name not in known]
@@ -200,14 +202,12 @@ class FixedHyperparameterModule(CheckpointedGenerator, pl.LightningModule):
         self.replay = replay
         self.net = plain_twin(net) if plain else net
         self.plain = plain
-        self.phi_optimizer = phi_optimizer
-        self.phi_lr = phi_lr
-        self.phi_momentum = phi_momentum
-        self.phi_weight_decay = phi_weight_decay
+        self.optimizer = picklable_factory(self, optimizer)
+        self.lr_scheduler = picklable_factory(self, lr_scheduler)
         self.grad_clip = grad_clip
-        self.seed = seed
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.save_hyperparameters(ignore=["net", "schedule"])
+        drop_factory_hparams(self)  # Python callables would not load with weights_only
 
     @staticmethod
     def _check(h: Hyperparameter, value: float) -> float:
@@ -235,18 +235,27 @@ class FixedHyperparameterModule(CheckpointedGenerator, pl.LightningModule):
             return None
         return torch.zeros(1, self.net.hdim, device=self.device).expand(batch, -1)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         """Predictions (regularizers active only in train mode, at the current values; no augmentation)."""
         return self.net(x, self._hnet(x.shape[0]), self.current_values() if self.training else None, self.rng)
 
+    @override
     def configure_optimizers(self) -> Any:
-        """One optimizer over every weight."""
-        if self.phi_optimizer == "sgd":
-            return torch.optim.SGD(
-                self.parameters(), lr=self.phi_lr, momentum=self.phi_momentum, weight_decay=self.phi_weight_decay
-            )
-        return torch.optim.Adam(self.parameters(), lr=self.phi_lr, weight_decay=self.phi_weight_decay)
+        """One optimizer over every weight (and its schedule, if one is given)."""
+        opt = self.build_optimizer(self.optimizer, self.parameters(), "optimizer")
+        return self.optimizers_config([opt], [self.build_scheduler(self.lr_scheduler, opt, "lr_scheduler")])
 
+    @override
+    def configure_metrics(self) -> MetricCollection:
+        """Batch-size-weighted mean cross-entropy and micro accuracy."""
+        metrics = {
+            "loss": weighted_mean(),
+            "acc": MulticlassAccuracy(num_classes=getattr(self.net, "num_classes", None), average="micro"),
+        }
+        return MetricCollection(metrics, compute_groups=False)
+
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
         if isinstance(batch, Mapping) and "train" in batch:
             batch = batch["train"]  # a DataModule that served a tuning module yields {"train", "hyper"} batches
@@ -260,35 +269,32 @@ class FixedHyperparameterModule(CheckpointedGenerator, pl.LightningModule):
                 f"non-finite training loss {loss.item()} at step {int(self.steps)} (epoch {self.current_epoch}); "
                 f"hyperparameters {values}"
             )
-        opt = self.optimizers()
+        (opt,) = self.optimizer_list()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.grad_clip is not None:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         self.steps += 1
-        n = y.shape[0]
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/acc", (out.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True, batch_size=n)
+        metrics = self.stage_metrics("train")
+        metrics["loss"](loss.detach(), y.shape[0])
+        metrics["acc"].update(out.detach(), y)
+        self.log("train/loss", metrics["loss"], prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/acc", metrics["acc"], on_step=False, on_epoch=True)
 
     def _eval(self, batch: Any, stage: str) -> None:
         x, y = batch
         out = self.net(x, self._hnet(x.shape[0]), None)
-        n = y.shape[0]
-        self.log(f"{stage}/loss", F.cross_entropy(out, y), prog_bar=True, on_epoch=True, batch_size=n)
-        self.log(f"{stage}/acc", (out.argmax(-1) == y).float().mean(), on_epoch=True, batch_size=n)
+        metrics = self.stage_metrics(stage)
+        metrics["loss"].update(F.cross_entropy(out, y), y.shape[0])
+        metrics["acc"].update(out, y)
+        self.log(f"{stage}/loss", metrics["loss"], prog_bar=True, on_step=False, on_epoch=True)
+        self.log(f"{stage}/acc", metrics["acc"], on_step=False, on_epoch=True)
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval(batch, "val")
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval(batch, "test")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["hyperlit"] = {"module": type(self).__qualname__, "rng_state": self.rng.get_state()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("hyperlit", {})
-        if "state_dict" in checkpoint:  # another module or architecture: one clear error instead of load_state_dict's
-            check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)
-        self.restore_rng(state.get("rng_state"))

@@ -14,7 +14,9 @@ STN's final value fixed, and **a plain LSTM trained from scratch following the S
 
 The network is :class:`~hyperlit.models.stn_lstm_lm.StnLSTMLanguageModel` with ``hdim=0``: the same embedding,
 locked/embedding dropout, DropConnect and AR/TAR as the STN model, with plain (fused-kernel) LSTM layers; the
-optimization follows the official baseline (SGD lr 30, clipping 0.25, non-monotone decay).
+optimization follows the official baseline (``optimizer``: SGD lr 30; clipping 0.25, non-monotone decay). Validation
+and test log the token-weighted cross-entropy and perplexity of the whole split (``torchmetrics``, reduced over DDP
+ranks), like :class:`~hyperlit.tuning.stn_lm.StnLanguageModelModule`.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
+from typing_extensions import override
 
-from hyperlit.checkpoint import CheckpointedGenerator, check_state_dict
+from hyperlit.base import HyperlitModule
 from hyperlit.models.stn_lstm_lm import LM_HPARAMS, LMOutput, StnLSTMLanguageModel, lm_training_loss
+from hyperlit.tuning._factories import drop_factory_hparams, picklable_factory
 from hyperlit.tuning.stn_lm import LanguageModelEvaluation, unpack_window
 
 __all__ = ["LSTMLanguageModelModule", "ReplaySchedule", "load_schedule"]
@@ -114,7 +118,7 @@ def load_schedule(path: str | Path, names: list[str] | None = None) -> ReplaySch
     return ReplaySchedule(rows, names)
 
 
-class LSTMLanguageModelModule(LanguageModelEvaluation, CheckpointedGenerator, pl.LightningModule):
+class LSTMLanguageModelModule(LanguageModelEvaluation, HyperlitModule):
     """Plain LSTM language model with fixed or replayed regularization hyperparameters (manual optimization).
 
     Args:
@@ -127,9 +131,9 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, CheckpointedGenerator, pl
             mode they apply before the schedule's first row and to names the schedule lacks.
         schedule: Path of a schedule CSV to replay (``None``: fixed-value mode).
         replay: ``step`` (the STN's values at every φ-step) or ``epoch`` (official per-epoch replay).
-        lr: SGD learning rate (official: 30).
+        optimizer: Optimizer of every weight (the only optimizer; official: SGD lr 30, no weight decay).
+        lr_scheduler: Its learning-rate schedule, stepped once per epoch (``None``: only the non-monotone decay).
         grad_clip: Gradient-norm clipping (official: 0.25; ``None``: off).
-        weight_decay: Weight decay (official: 0).
         nonmono: Window of the non-monotone learning-rate decay in epochs (``None``: off).
         lr_decay: Divisor of the learning rate at each decay (official: 4).
         seed: Seed of the module's generator (every dropout mask).
@@ -145,27 +149,29 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, CheckpointedGenerator, pl
         values: dict[str, float] | None = None,
         schedule: str | None = None,
         replay: Literal["step", "epoch"] = "step",
-        lr: float = 30.0,
+        optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=30.0),
+        lr_scheduler: LRSchedulerCallable | None = None,
         grad_clip: float | None = 0.25,
-        weight_decay: float = 0.0,
         nonmono: int | None = 5,
         lr_decay: float = 4.0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.automatic_optimization = False
+        super().__init__(seed=seed)
         unknown = sorted(set(values or {}) - set(LM_HPARAMS))
         if unknown:
             raise KeyError(f"values names unknown hyperparameters {unknown}; known: {list(LM_HPARAMS)}")
         if replay not in ("step", "epoch"):
             raise ValueError(f"replay must be 'step' or 'epoch', got {replay!r}")
-        if not lr > 0 or (grad_clip is not None and not grad_clip > 0):
-            raise ValueError(f"need lr > 0 and grad_clip > 0 or None, got {lr}, {grad_clip}")
+        if not callable(optimizer) or (lr_scheduler is not None and not callable(lr_scheduler)):
+            raise TypeError(f"optimizer and lr_scheduler must be callables, got {optimizer!r}, {lr_scheduler!r}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
         if nonmono is not None and nonmono < 1:
             raise ValueError(f"nonmono must be >= 1 or None, got {nonmono}")
         if not lr_decay > 1:
             raise ValueError(f"lr_decay must be > 1, got {lr_decay}")
         self.save_hyperparameters()
+        drop_factory_hparams(self)  # Python callables would not load with weights_only
         self.values = {**_DEFAULTS, **{k: float(v) for k, v in (values or {}).items()}}
         for name in ("dropouto", "dropouti", "dropouth", "dropoute", "wdrop"):
             if not 0 <= self.values[name] < 1:
@@ -175,12 +181,11 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, CheckpointedGenerator, pl
                 raise ValueError(f"{name} must be >= 0, got {self.values[name]}")
         self.schedule = load_schedule(schedule) if schedule is not None else None
         self.replay = replay
-        self.lr = lr
+        self.optimizer = picklable_factory(self, optimizer)
+        self.lr_scheduler = picklable_factory(self, lr_scheduler)
         self.grad_clip = grad_clip
-        self.weight_decay = weight_decay
         self.nonmono = nonmono
         self.lr_decay = lr_decay
-        self.seed = seed
         self.net = StnLSTMLanguageModel(vocab_size, embedding_size, hidden_size, num_layers, tie_weights, hdim=0)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._init_evaluation()
@@ -197,6 +202,7 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, CheckpointedGenerator, pl
             out.update(replayed or {})
         return out
 
+    @override
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         dm_vocab = getattr(dm, "vocab_size", None) if dm is not None else None
@@ -206,16 +212,21 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, CheckpointedGenerator, pl
                 f"set model.init_args.vocab_size to {dm_vocab}"
             )
 
+    @override
     def configure_optimizers(self) -> Any:
-        """One optimizer: SGD over every weight."""
-        return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        """One optimizer over every weight (official: SGD) and its schedule, if one is given."""
+        opt = self.build_optimizer(self.optimizer, self.parameters(), "optimizer")
+        return self.optimizers_config([opt], [self.build_scheduler(self.lr_scheduler, opt, "lr_scheduler")])
 
+    @override
     def forward(self, tokens: Tensor, state: Any = None) -> LMOutput:
         return self.net(tokens, None, self.current_values(), self.rng, state)
 
+    @override
     def eval_forward(self, inputs: Tensor, state: Any) -> LMOutput:
         return self.net(inputs, None, None, state=state)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
         if isinstance(batch, Mapping) and "train" in batch:
             # a DataModule that served a tuning module before yields {"train", "hyper"} batches: train on "train"
@@ -230,7 +241,7 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, CheckpointedGenerator, pl
                 f"non-finite training loss {loss.item()} at step {int(self.steps)} (epoch {self.current_epoch}); "
                 f"hyperparameters {values}"
             )
-        opt = self.optimizers()
+        (opt,) = self.optimizer_list()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.grad_clip is not None:
@@ -238,17 +249,9 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, CheckpointedGenerator, pl
         opt.step()
         self.steps += 1
         n = targets.numel()
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/ce", ce.detach(), on_step=True, on_epoch=True, batch_size=n)
+        metrics = self.stage_metrics("train")
+        metrics["loss"](loss.detach(), n)
+        metrics["ce"](ce.detach(), n)
+        self.log("train/loss", metrics["loss"], prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/ce", metrics["ce"], on_step=True, on_epoch=True)
         self.log_dict({f"hparam/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False, batch_size=n)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["hyperlit"] = {"module": type(self).__qualname__, "rng_state": self.rng.get_state()}
-        self._save_lm_state(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("hyperlit", {})
-        if "state_dict" in checkpoint:  # another module or architecture: one clear error instead of load_state_dict's
-            check_state_dict(self, checkpoint["state_dict"], strict=self.strict_loading)
-        self.restore_rng(state.get("rng_state"))
-        self._load_lm_state(checkpoint)

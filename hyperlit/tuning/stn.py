@@ -1,7 +1,7 @@
 """Self-Tuning Networks as a LightningModule (MacKay, Vicol et al., ICLR 2019, Alg. 1).
 
-The alternating loop (warm-up, T_train φ-steps per T_val λ-steps, σ tuning with the entropy term, optimizers,
-clipping, LR schedule, NaN guard, own counters, checkpointed generator, per-λ-step schedule) lives in
+The alternating loop (warm-up, T_train φ-steps per T_val λ-steps, σ tuning with the entropy term, the optimizers
+``[φ, λ, σ]``, clipping, LR schedule, NaN guard, own counters, checkpointed generator, per-λ-step schedule) lives in
 :class:`~hyperlit.tuning.bilevel.BilevelModule`; this module adds what is specific to STN:
 
 * the network is an :class:`~hyperlit.nn.stn.StnNet` (structured best response, e.g. the models of
@@ -10,10 +10,12 @@ clipping, LR schedule, NaN guard, own counters, checkpointed generator, per-λ-s
   per-example regularizers (dropout, augmentation, cutout) — training mode, augmentation on;
 * λ-step: eval mode (no dropout), **no augmentation**; the regularizer strengths are detached, so the
   hypergradient reaches λ only through the response path ``∂L_val/∂ŵ · ∂ŵ_φ/∂λ``;
-* Lightning's validation/test loops evaluate at the current λ without perturbation (loss and accuracy).
+* Lightning's validation/test loops evaluate at the current λ without perturbation: ``val/loss`` (batch-size
+  weighted mean) and ``val/acc`` (micro accuracy), ``torchmetrics`` metrics, so under DDP the value of the whole split.
 
-Where the hyper split comes from: see :mod:`hyperlit.streams` (a DataModule's ``hyper_dataloader()``, else its
-``val_dataloader()``, so a DataModule with only train/val loaders works).
+Where the hyper split comes from: see :mod:`hyperlit.streams` (every hyperlit DataModule serves it; a user's
+DataModule with only train/val loaders is wrapped in :class:`~hyperlit.streams.HyperStreamDataModule`, which
+``hyperlit fit`` does by itself).
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ from typing import Any, Literal
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from hyperlit.hparams import Hyperparameter
 from hyperlit.nn.stn import StnNet
+from hyperlit.tuning._factories import drop_factory_hparams
 from hyperlit.tuning.bilevel import BilevelModule
 
 __all__ = ["SelfTuningModule", "resolve_hyperparameters"]
@@ -64,9 +70,10 @@ class SelfTuningModule(BilevelModule):
         loss: ``cross_entropy`` (classification, also logs accuracy) or ``mse`` (regression).
         plot_schedule: Add a :class:`~hyperlit.callbacks.hparam_schedule.HyperparameterSchedule` callback (CSV +
             plot of the per-λ-step values).
-        **kwargs: The loop's settings (T_train/T_val, warm-up, τ, σ tuning, optimizers, clipping, LR schedule,
-            NaN policy, seed): see :class:`~hyperlit.tuning.bilevel.BilevelModule`. Defaults follow the official
-            CNN code except where the paper's command line differs (τ = 1e-3).
+        **kwargs: The loop's settings (T_train/T_val, warm-up, τ, σ tuning, the optimizers ``phi_optimizer``,
+            ``hyper_optimizer``, ``sigma_optimizer`` and ``phi_lr_scheduler``, clipping, NaN policy, seed): see
+            :class:`~hyperlit.tuning.bilevel.BilevelModule`. Defaults follow the official CNN code (φ: SGD lr 0.01,
+            momentum 0.9; λ, σ: Adam lr 3e-3) except where the paper's command line differs (τ = 1e-3).
 
     The network is not part of the saved init arguments (it is saved with the weights): rebuild it when loading,
     ``SelfTuningModule.load_from_checkpoint(path, net=StnMLP(...))``; ``hyperlit fit --ckpt_path`` does this from
@@ -102,6 +109,7 @@ class SelfTuningModule(BilevelModule):
         self.loss_name = loss
         self.plot_schedule = plot_schedule
         self.save_hyperparameters(ignore=["net"])
+        drop_factory_hparams(self)  # Python callables would not load with weights_only
 
     # -- helpers ----------------------------------------------------------------------------------------
     def hparam_dict(self, unconstrained: Tensor) -> dict[str, Tensor]:
@@ -114,12 +122,14 @@ class SelfTuningModule(BilevelModule):
             return F.mse_loss(out.squeeze(-1) if out.dim() == y.dim() + 1 else out, y.to(out.dtype))
         return F.cross_entropy(out, y)
 
+    @override
     def forward(self, x: Tensor, lam: Tensor | None = None) -> Tensor:
         """Predictions at per-example unconstrained hyperparameters ``lam`` (default: the current λ, unperturbed)."""
         lam = self.space.repeat(x.shape[0]) if lam is None else lam
         return self.net(x, self.space.hnet_input(lam), self.hparam_dict(lam), generator=self.rng)
 
     # -- the two objectives -------------------------------------------------------------------------
+    @override
     def train_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """Training loss at the perturbed λ_b: per-example augmentation and regularizers (train mode)."""
         x, y = batch
@@ -132,28 +142,40 @@ class SelfTuningModule(BilevelModule):
         if penalty is not None:
             loss = loss + penalty.mean()
         if self.loss_name == "cross_entropy" and self._trainer is not None:
-            acc = (out.argmax(-1) == y).float().mean()
-            self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=y.shape[0])
+            acc = self.stage_metrics("train")["acc"]
+            acc.update(out.detach(), y)
+            self.log("train/acc", acc, on_step=False, on_epoch=True)
         return loss
 
+    @override
     def hyper_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """Held-out loss (eval mode, no augmentation); λ's gradient flows only through the hypernet input."""
         x, y = batch
         out = self.net(x, self.space.hnet_input(lam), self.hparam_dict(lam))
         return self._loss(out, y)
 
-    def eval_metrics(self, batch: Any) -> dict[str, Tensor]:
+    @override
+    def evaluate(self, batch: Any) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Loss (and logits, labels for the accuracy) at the current, unperturbed λ."""
         x, y = batch
         lam = self.space.repeat(x.shape[0])
         # one shared row (stride-0 expansion): STN layers fold W + diag(Vλ̃) W_h once and run plain matmuls
         hnet = self.space.hnet_input(lam[:1]).expand(x.shape[0], -1)
         out = self.net(x, hnet, self.hparam_dict(lam))
-        metrics = {"loss": self._loss(out, y)}
+        return self._loss(out, y), ((out, y) if self.loss_name == "cross_entropy" else None)
+
+    @override
+    def configure_metrics(self) -> MetricCollection:
+        """Loss, plus the micro accuracy of classifiers (``loss="cross_entropy"``)."""
+        metrics = super().configure_metrics()
         if self.loss_name == "cross_entropy":
-            metrics["acc"] = (out.argmax(-1) == y).float().mean()
+            metrics.add_metrics(
+                {"acc": MulticlassAccuracy(num_classes=getattr(self.net, "num_classes", None), average="micro")}
+            )
         return metrics
 
     # -- Lightning ------------------------------------------------------------------------------------
+    @override
     def configure_callbacks(self) -> list[Callback]:
         if not self.plot_schedule:
             return []
@@ -161,8 +183,9 @@ class SelfTuningModule(BilevelModule):
 
         return [HyperparameterSchedule()]
 
+    @override
     def on_train_end(self) -> None:
         super().on_train_end()
         val = self.trainer.callback_metrics.get("val/loss")
-        if val is not None and self.trainer.is_global_zero:
-            print(f"Final validation loss: {float(val):.4f}")
+        if val is not None:
+            self.info(f"Final validation loss: {float(val):.4f}")

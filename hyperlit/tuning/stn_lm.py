@@ -11,8 +11,12 @@ of :mod:`hyperlit.models.stn_lstm_lm`. What differs from the image models:
 * λ-step: eval mode, unperturbed λ (σ is not tuned, as in the official LSTM code), **plain cross-entropy** (the
   official code also added α·AR + β·TAR to the validation objective; not ported), Adam lr 1e-2;
 * evaluation: token-weighted cross-entropy and perplexity (``val/loss``, ``val/ppl``, ``test/…``) at the
-  current λ; a non-monotone learning-rate decay (÷4 when the validation loss is worse than the best of all but
-  the last 5 epochs, official ``--nonmono 5``).
+  current λ, from a ``torchmetrics`` mean reduced over DDP ranks (the whole split's value on every rank); a
+  non-monotone learning-rate decay of φ's optimizer (÷4 when the validation loss is worse than the best of all but
+  the last 5 epochs, official ``--nonmono 5``), driven by that reduced value.
+
+Optimizers (``[φ, λ, σ]``, see :class:`~hyperlit.tuning.bilevel.BilevelModule`): ``phi_optimizer`` (official SGD
+lr 30), ``hyper_optimizer`` (Adam 1e-2) and ``sigma_optimizer`` (Adam 1e-2, stepped only with ``tune_sigma``).
 
 Defaults follow the official code: warm-up one epoch (``--warmup_steps 331`` = one PTB epoch at 40 × 70),
 T_train = 2, T_val = 1, all seven hyperparameters start at 0.05 with σ = 1, the hypernet sees the constrained
@@ -31,9 +35,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torchmetrics import MetricCollection
+from typing_extensions import override
 
 from hyperlit.models.stn_lstm_lm import (
     LM_HPARAMS,
@@ -43,6 +49,8 @@ from hyperlit.models.stn_lstm_lm import (
     lm_hyperparameters,
     lm_training_loss,
 )
+from hyperlit.tuning._factories import drop_factory_hparams
+from hyperlit.tuning.metrics import weighted_mean
 from hyperlit.tuning.stn import SelfTuningModule
 
 __all__ = ["LanguageModelEvaluation", "StnLanguageModelModule", "unpack_window"]
@@ -61,11 +69,15 @@ def unpack_window(batch: Any) -> tuple[Tensor, Tensor, int]:
 
 
 class LanguageModelEvaluation:
-    """Mixin for LightningModules of LSTM language models: carried hidden states, token-weighted validation/test
-    cross-entropy and perplexity, the non-monotone learning-rate decay and its checkpointed history.
+    """Mixin for the LSTM language-model modules (before :class:`~hyperlit.base.HyperlitModule` in the bases):
+    carried hidden states, token-weighted validation/test cross-entropy and perplexity, the non-monotone
+    learning-rate decay and its checkpointed history.
 
-    The host class provides ``self.net`` (an :class:`StnLSTMLanguageModel`), ``eval_forward(inputs, state)`` and
-    the attributes ``nonmono`` and ``lr_decay``.
+    The cross-entropy of an evaluation split is a ``torchmetrics.MeanMetric`` weighted by each window's token
+    count, computed (and so reduced over DDP ranks) at the epoch's end: ``val/loss`` is the cross-entropy per token
+    of the whole split, ``val/ppl = exp(val/loss)``, on every rank. The host class provides ``self.net`` (an
+    :class:`StnLSTMLanguageModel`), ``eval_forward(inputs, state)`` and the attributes ``nonmono`` and
+    ``lr_decay``.
     """
 
     net: StnLSTMLanguageModel
@@ -74,8 +86,12 @@ class LanguageModelEvaluation:
 
     def _init_evaluation(self) -> None:
         self.states = CarriedStates()
-        self._eval_sums: dict[str, list[tuple[Tensor, int]]] = {"val": [], "test": []}
         self.val_history: list[float] = []
+
+    def configure_metrics(self) -> MetricCollection:
+        """Token-weighted means: the cross-entropy of evaluation splits (``loss``), the training ``loss`` and ``ce``."""
+        metrics = {"loss": weighted_mean(), "ce": weighted_mean()}
+        return MetricCollection(metrics, compute_groups=False)
 
     def eval_forward(self, inputs: Tensor, state: Any) -> LMOutput:
         raise NotImplementedError
@@ -87,61 +103,60 @@ class LanguageModelEvaluation:
         ce = F.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
         return ce, targets.numel()
 
+    def _update_eval(self, batch: Any, stage: str) -> None:
+        ce, n = self._eval_ce(batch, stage)
+        self.stage_metrics(stage)["loss"].update(ce.detach(), n)  # type: ignore[attr-defined]
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        ce, n = self._eval_ce(batch, "val")
-        self._eval_sums["val"].append((ce.detach() * n, n))
+        self._update_eval(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        ce, n = self._eval_ce(batch, "test")
-        self._eval_sums["test"].append((ce.detach() * n, n))
+        self._update_eval(batch, "test")
 
-    def _epoch_loss(self, stream: str) -> Tensor:
-        """Token-weighted mean cross-entropy of the epoch's windows, summed over DDP ranks."""
-        sums = self._eval_sums[stream]
-        self._eval_sums[stream] = []
-        strategy = self.trainer.strategy  # type: ignore[attr-defined]
-        if not sums:
-            return torch.tensor(float("nan"))
-        total = strategy.reduce(torch.stack([t for t, _ in sums]).sum(), reduce_op="sum")
-        count = strategy.reduce(torch.tensor(float(sum(n for _, n in sums)), device=total.device), reduce_op="sum")
-        return total / count
+    def _epoch_loss(self, stage: str) -> Tensor:
+        """Token-weighted mean cross-entropy of the epoch's windows over every rank (then reset for the next)."""
+        metric = self.stage_metrics(stage)["loss"]  # type: ignore[attr-defined]
+        loss = metric.compute()
+        metric.reset()
+        return loss
+
+    def _log_epoch(self, stage: str, loss: Tensor, prog_bar: bool) -> None:
+        # the value is already the whole split's on every rank: the mean over ranks leaves it as it is
+        for name, value in (("loss", loss), ("ppl", loss.exp())):
+            self.log(f"{stage}/{name}", value, prog_bar=prog_bar, sync_dist=True)  # type: ignore[attr-defined]
 
     def on_validation_epoch_end(self) -> None:
         loss = self._epoch_loss("val")
-        self.log("val/loss", loss, prog_bar=True)  # type: ignore[attr-defined]
-        self.log("val/ppl", loss.exp(), prog_bar=True)  # type: ignore[attr-defined]
+        self._log_epoch("val", loss, prog_bar=True)
         trainer = self.trainer  # type: ignore[attr-defined]
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._nonmonotone_decay(float(loss))
 
     def on_test_epoch_end(self) -> None:
-        loss = self._epoch_loss("test")
-        self.log("test/loss", loss)  # type: ignore[attr-defined]
-        self.log("test/ppl", loss.exp())  # type: ignore[attr-defined]
+        self._log_epoch("test", self._epoch_loss("test"), prog_bar=False)
 
     def _nonmonotone_decay(self, val_loss: float) -> None:
         """Divide φ's learning rate by ``lr_decay`` when ``val_loss`` is worse than the best validation loss of all
         but the last ``nonmono`` epochs (official ``lstm/train.py``)."""
         history = self.val_history
         if self.nonmono and len(history) > self.nonmono and val_loss > min(history[: -self.nonmono]):
-            opt = self.optimizers()  # type: ignore[attr-defined]
-            opt = opt[0] if isinstance(opt, list) else opt
+            opt = self.optimizer_list()[0]  # type: ignore[attr-defined]
             for group in opt.param_groups:
                 group["lr"] /= self.lr_decay
-            rank_zero_info(f"non-monotone decay: learning rate now {opt.param_groups[0]['lr']:.4g}")
+            self.info(f"non-monotone decay: learning rate now {opt.param_groups[0]['lr']:.4g}")  # type: ignore[attr-defined]
         history.append(val_loss)
         self.log("train/lr", self.optimizers_lr())  # type: ignore[attr-defined]
 
     def optimizers_lr(self) -> float:
-        opt = self.optimizers()  # type: ignore[attr-defined]
-        opt = opt[0] if isinstance(opt, list) else opt
-        return float(opt.param_groups[0]["lr"])
+        """The current learning rate of φ's (the first) optimizer."""
+        return float(self.optimizer_list()[0].param_groups[0]["lr"])  # type: ignore[attr-defined]
 
-    def _save_lm_state(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["hyperlit_lm"] = {"val_history": list(self.val_history)}
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {**super().checkpoint_state(), "val_history": list(self.val_history)}  # type: ignore[misc]
 
-    def _load_lm_state(self, checkpoint: dict[str, Any]) -> None:
-        self.val_history = list(checkpoint.get("hyperlit_lm", {}).get("val_history", []))
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        super().restore_checkpoint_state(state)  # type: ignore[misc]
+        self.val_history = list(state.get("val_history", []))
         self.states.reset()
 
 
@@ -166,14 +181,14 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
         warmup_epochs: Epochs of φ-steps before λ moves (official: one epoch, ``--warmup_steps 331``).
         warmup_steps: Alternatively a number of warm-up φ-steps.
         hnet_input: What the hypernet sees: ``constrained`` (official ``--tune_all``) or ``unconstrained``.
-        phi_lr: SGD learning rate of the weights (official: 30).
-        phi_momentum: SGD momentum (official: none).
-        phi_weight_decay: Weight decay of the weights (official: 0).
-        hyper_lr: Adam learning rate of λ (official: 1e-2).
+        phi_optimizer: Optimizer of the weights (first optimizer; official: SGD lr 30, no momentum, no weight decay).
+        hyper_optimizer: Optimizer of λ (second optimizer; official: Adam lr 1e-2).
+        sigma_optimizer: Optimizer of σ (third optimizer, stepped only with ``tune_sigma``; Adam lr 1e-2).
+        phi_lr_scheduler: Learning-rate schedule of the weights, stepped once per epoch (``None``: only the
+            non-monotone decay).
         grad_clip: Gradient-norm clipping of the weights (official: 0.25).
         tune_sigma: Tune σ with the entropy term (official LSTM: no).
         entropy_weight: τ, when σ is tuned.
-        sigma_lr: Adam learning rate of σ, when tuned.
         nonmono: Window of the non-monotone learning-rate decay in epochs (``None``: off).
         lr_decay: Divisor of the learning rate at each decay (official: 4).
         plot_schedule: Save and plot the λ-schedule (CSV + PNG in the log directory).
@@ -198,14 +213,13 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
         warmup_epochs: int = 1,
         warmup_steps: int = 0,
         hnet_input: Literal["unconstrained", "constrained"] = "constrained",
-        phi_lr: float = 30.0,
-        phi_momentum: float = 0.0,
-        phi_weight_decay: float = 0.0,
-        hyper_lr: float = 1e-2,
+        phi_optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=30.0),
+        hyper_optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=1e-2),
+        sigma_optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=1e-2),
+        phi_lr_scheduler: LRSchedulerCallable | None = None,
         grad_clip: float | None = 0.25,
         tune_sigma: bool = False,
         entropy_weight: float = 0.0,
-        sigma_lr: float = 1e-2,
         nonmono: int | None = 5,
         lr_decay: float = 4.0,
         plot_schedule: bool = True,
@@ -244,12 +258,10 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
             entropy_weight=entropy_weight,
             tune_sigma=tune_sigma,
             hnet_input=hnet_input,
-            phi_optimizer="sgd",
-            phi_lr=phi_lr,
-            phi_momentum=phi_momentum,
-            phi_weight_decay=phi_weight_decay,
-            hyper_lr=hyper_lr,
-            sigma_lr=sigma_lr,
+            phi_optimizer=phi_optimizer,
+            hyper_optimizer=hyper_optimizer,
+            sigma_optimizer=sigma_optimizer,
+            phi_lr_scheduler=phi_lr_scheduler,
             grad_clip=grad_clip,
             nan_policy=nan_policy,
             seed=seed,
@@ -260,11 +272,13 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
         for key in [k for k in self.hparams if k not in own]:
             del self.hparams[key]
         self.save_hyperparameters()
+        drop_factory_hparams(self)  # Python callables would not load with weights_only
         self.nonmono = nonmono
         self.lr_decay = lr_decay
         self._init_evaluation()
 
     # -- data plumbing ---------------------------------------------------------------------------------------
+    @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -280,16 +294,19 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
             # the hyper stream advances every batch, λ-steps come every T_train/T_val batches: repeat each window
             dm.hyper_repeat = max(1, math.ceil(self.train_steps / self.hyper_steps)) if self.train_steps else 1
 
+    @override
     def batch_size(self, batch: Any) -> int:
         """Number of streams (sequences) of a window: one perturbation per sequence."""
         return unpack_window(batch)[0].size(1)
 
     # -- the two objectives ------------------------------------------------------------------------------
+    @override
     def forward(self, tokens: Tensor, lam: Tensor | None = None, state: Any = None) -> LMOutput:  # type: ignore[override]
         """Logits etc. at per-sequence unconstrained hyperparameters ``lam`` (default: current λ)."""
         lam = self.space.repeat(tokens.size(1)) if lam is None else lam
         return self.net(tokens, self.space.hnet_input(lam), self.hparam_dict(lam), self.rng, state)
 
+    @override
     def train_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """``CE + α·AR + β·TAR`` on a training window at the perturbed λ_b (train mode)."""
         inputs, targets, index = unpack_window(batch)
@@ -304,9 +321,13 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
         self.states.put("train", index, out.state)
         alpha, beta = self.net.regularization_strengths(hp)
         loss, ce = lm_training_loss(out, targets, alpha, beta)
-        self.log("train/ce", ce.detach(), on_step=True, on_epoch=True, batch_size=targets.numel())
+        if self._trainer is not None:
+            metric = self.stage_metrics("train")["ce"]
+            metric(ce.detach(), targets.numel())
+            self.log("train/ce", metric, on_step=True, on_epoch=True)
         return loss
 
+    @override
     def hyper_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """Plain cross-entropy on a validation window (eval mode; λ reaches the loss only through the hypernet)."""
         inputs, targets, index = unpack_window(batch)
@@ -314,18 +335,13 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
         self.states.put("hyper", index, out.state)
         return F.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
 
+    @override
     def eval_forward(self, inputs: Tensor, state: Any) -> LMOutput:
         lam = self.space.repeat(inputs.size(1))
         return self.net(inputs, self.space.hnet_input(lam), None, state=state)
 
-    def eval_metrics(self, batch: Any) -> dict[str, Tensor]:
-        return {"loss": self._eval_ce(batch, "test" if self.trainer.testing else "val")[0]}
-
-    # -- checkpoint --------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        self._save_lm_state(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._load_lm_state(checkpoint)
+    @override
+    def evaluate(self, batch: Any) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Cross-entropy of an evaluation window (state carried on the test or validation stream)."""
+        testing = self._trainer is not None and self.trainer.testing
+        return self._eval_ce(batch, "test" if testing else "val")[0], None

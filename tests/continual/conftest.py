@@ -1,14 +1,13 @@
-"""Fixtures of the continual-learning tests: one torch thread (tiny ops), generated MNIST files, a quiet Trainer."""
+"""Fixtures of the continual-learning tests: one torch thread (tiny ops), generated MNIST files, Adam factories."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 
 from tests.fakedata import write_fake_mnist
 
@@ -28,19 +27,15 @@ def fake_mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fake_mnist(tmp_path_factory.mktemp("fake_mnist"), n_train=600, n_test=200)
 
 
-def make_trainer(root: Path | None = None, **kwargs: Any) -> pl.Trainer:
-    """A CPU Trainer without progress bar, logger or sanity check unless asked for."""
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "logger": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "max_epochs": 100,
-    }
-    if root is not None:
-        defaults["default_root_dir"] = str(root)
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+def adam(lr: float) -> OptimizerCallable:
+    """An Adam factory as a Python caller writes it (a lambda: like the defaults, not saved in checkpoints).
+
+    A ``functools.partial`` would be saved in ``hyper_parameters`` and make ``fit(ckpt_path=...)`` fail to load
+    the checkpoint with ``weights_only=True``; the DDP tests, whose module is pickled, use one without resuming.
+    """
+    return lambda params: torch.optim.Adam(params, lr=lr)
+
+
+def optimizers(lr: float) -> dict[str, OptimizerCallable]:
+    """``hnet_optimizer`` and ``emb_optimizer``: Adam with the same learning rate (the old single ``lr``)."""
+    return {"hnet_optimizer": adam(lr), "emb_optimizer": adam(lr)}

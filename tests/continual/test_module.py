@@ -1,16 +1,20 @@
-"""HyperContinualModule: heads, task switching, targets, frozen embeddings, forgetting vs. no forgetting, chunking."""
+"""HyperContinualModule: heads, task switching, targets, frozen embeddings, optimizers, forgetting vs. no
+forgetting, chunking."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from datamodules.continual_mnist import PermutedMNISTDataModule
-from datamodules.regression1d import Regression1DDataModule
-from hyperlit.continual.module import HyperContinualModule
+from datamodules import PermutedMNISTDataModule, Regression1DDataModule
+from hyperlit.continual import EWCContinualModule, HyperContinualModule
 from hyperlit.nn.functional import call_with_weights
-from tests.continual.conftest import make_trainer
+from tests.continual.conftest import optimizers
+
+Trainers = Callable[..., pl.Trainer]
 
 TOY = dict(
     num_tasks=3,
@@ -22,16 +26,16 @@ TOY = dict(
     hnet_hidden=(10, 10),
     hnet_activation="sigmoid",
     emb_dim=2,
-    lr=1e-2,
+    **optimizers(1e-2),
     infer_task=False,
 )
 
 
-def _toy_run(beta: float, steps: int, num_tasks: int = 3) -> HyperContinualModule:
+def _toy_run(make_trainer: Trainers, beta: float, steps: int, num_tasks: int = 3) -> HyperContinualModule:
     pl.seed_everything(42)
     dm = Regression1DDataModule(num_tasks=num_tasks, steps_per_task=steps, batch_size=32)
     model = HyperContinualModule(**{**TOY, "beta": beta, "num_tasks": num_tasks})
-    make_trainer().fit(model, dm)
+    make_trainer(max_epochs=num_tasks).fit(model, dm)
     return model
 
 
@@ -103,47 +107,51 @@ def test_compression_ratio_counts_embeddings() -> None:
     assert c["compression_ratio"] < 1
 
 
-def test_old_embeddings_frozen_and_fresh_optimizer_state_per_task() -> None:
+def test_old_embeddings_frozen_and_fresh_optimizer_state_per_task(make_trainer: Trainers) -> None:
     pl.seed_everything(0)
     dm = Regression1DDataModule(num_tasks=2, steps_per_task=15)
     m = HyperContinualModule(**{**TOY, "num_tasks": 2, "beta": 0.01})
-    trainer = make_trainer()
+    trainer = make_trainer(max_epochs=2)
     trainer.fit(m, dm)
     assert int(m.current_task) == 1 and int(m.step_in_task) == 15 and int(m.total_steps) == 30
+    assert trainer.global_step == 2 * 30  # one step per optimizer and batch
     torch.testing.assert_close(m.task_embeddings[0], m.emb_star[0], rtol=0, atol=0)  # untouched during task 1
     assert not torch.equal(m.task_embeddings[1], m.emb_star[1])
-    opt = trainer.optimizers[0]
-    assert all(int(opt.state[p]["step"]) == 15 for p in m.hnet.parameters())  # Adam restarted at task 1
+    hnet_opt, emb_opt = trainer.optimizers
+    assert all(int(hnet_opt.state[p]["step"]) == 15 for p in m.hnet.parameters())  # Adam restarted at task 1
+    assert int(emb_opt.state[m.task_embeddings]["step"]) == 15  # both optimizers restarted
     moving = HyperContinualModule(**{**TOY, "num_tasks": 2, "beta": 0.01, "train_old_embeddings": True})
-    make_trainer().fit(moving, Regression1DDataModule(num_tasks=2, steps_per_task=15))
+    make_trainer(max_epochs=2).fit(moving, Regression1DDataModule(num_tasks=2, steps_per_task=15))
     assert not torch.equal(moving.task_embeddings[0], moving.emb_star[0])
 
 
-def test_toy_forgetting_without_regularizer_quick() -> None:
+def test_toy_forgetting_without_regularizer_quick(make_trainer: Trainers) -> None:
     """Cheap variant of the 1-D toy test (the paper's setting is the slow test below).
 
     β = 0.05 and 500 steps per task keep every final MSE ≤ 0.05; without the regularizer the first task is
     already forgotten after the second one (so that run stops there), by far more than 10×.
     """
-    kept = _toy_run(beta=0.05, steps=500)
+    kept = _toy_run(make_trainer, beta=0.05, steps=500)
     final = kept.acc_matrix[2]  # MSE after the last task
     assert bool((final <= 0.05).all()), final
-    forgot = _toy_run(beta=0.0, steps=300, num_tasks=2)
+    forgot = _toy_run(make_trainer, beta=0.0, steps=300, num_tasks=2)
     assert float(forgot.acc_matrix[0, 0]) <= 0.01  # task 0 had been learned ...
     assert float(forgot.acc_matrix[1, 0]) >= 10 * float(final[0])  # ... and is then forgotten
 
 
 @pytest.mark.slow
-def test_toy_paper_setting() -> None:
+def test_toy_paper_setting(make_trainer: Trainers) -> None:
     """Official toy setting (β = 0.005, 4,001 iterations per task): every final MSE ≤ 0.01; β = 0 forgets task 1."""
-    kept = _toy_run(beta=0.005, steps=4001)
+    kept = _toy_run(make_trainer, beta=0.005, steps=4001)
     final = kept.acc_matrix[2]
     assert bool((final <= 0.01).all()), final
-    forgot = _toy_run(beta=0.0, steps=4001)
+    forgot = _toy_run(make_trainer, beta=0.0, steps=4001)
     assert float(forgot.acc_matrix[2, 0]) >= 10 * float(final[0])
 
 
-def test_chunked_hypernet_smaller_than_target_learns_three_permuted_tasks(fake_mnist_dir) -> None:
+def test_chunked_hypernet_smaller_than_target_learns_three_permuted_tasks(
+    make_trainer: Trainers, fake_mnist_dir
+) -> None:
     pl.seed_everything(0)
     dm = PermutedMNISTDataModule(
         data_dir=str(fake_mnist_dir), num_tasks=3, pad_to_32=False, val_size=100, steps_per_task=60, batch_size=32
@@ -158,17 +166,16 @@ def test_chunked_hypernet_smaller_than_target_learns_three_permuted_tasks(fake_m
         emb_dim=8,
         hnet_out_init_std=0.01,
         beta=0.01,
-        lr=1e-3,
     )
     assert m.compression()["compression_ratio"] < 1
-    make_trainer().fit(m, dm)
+    make_trainer(max_epochs=3).fit(m, dm)
     final = m.acc_matrix[2]
     assert bool((final >= 0.9).all()), final  # chance is 0.1
     assert bool((m.task_inference_matrix[2] > 1 / 3).all())  # entropy-based inference beats guessing
 
 
 @pytest.mark.slow
-def test_permuted_mnist_real_hypernet_vs_fine_tuning(real_data_dir) -> None:
+def test_permuted_mnist_real_hypernet_vs_fine_tuning(make_trainer: Trainers, real_data_dir) -> None:
     """Real MNIST, 5 permuted tasks, target MLP 784-100-100-10, reduced iterations (500 per task).
 
     The hypernetwork keeps its mean final accuracy within 2 points of its mean during accuracy; fine-tuning
@@ -197,9 +204,8 @@ def test_permuted_mnist_real_hypernet_vs_fine_tuning(real_data_dir) -> None:
             emb_dim=8,
             hnet_out_init_std=0.01,
             beta=beta,
-            lr=1e-3,
         )
-        make_trainer().fit(m, dm)
+        make_trainer(max_epochs=5).fit(m, dm)
         return m
 
     hnet = run(0.05).cl_summary()
@@ -207,3 +213,49 @@ def test_permuted_mnist_real_hypernet_vs_fine_tuning(real_data_dir) -> None:
     assert hnet["during_mean"] > 0.9
     assert hnet["final_mean"] >= hnet["during_mean"] - 0.02, hnet
     assert finetune["final_mean"] <= hnet["final_mean"] - 0.05, (hnet, finetune)
+
+
+def test_optimizers_in_order_with_their_parameters() -> None:
+    m = HyperContinualModule(num_tasks=3, input_dim=4, output_dim=2, hidden=(5,), hnet_hidden=(6,), heads="separate")
+    hnet_opt, emb_opt = m.configure_optimizers()
+    assert isinstance(hnet_opt, torch.optim.Adam) and isinstance(emb_opt, torch.optim.Adam)
+    assert [g["lr"] for g in (*hnet_opt.param_groups, *emb_opt.param_groups)] == [1e-3, 1e-3]  # the defaults
+    assert hnet_opt.defaults["betas"] == (0.9, 0.999)
+    ids = lambda opt: {id(p) for g in opt.param_groups for p in g["params"]}  # noqa: E731
+    assert ids(hnet_opt) == {id(p) for p in m.hnet.parameters()}
+    head = m.target.net[-1]
+    assert ids(emb_opt) == {id(m.task_embeddings), id(head.weight), id(head.bias)}  # embeddings + separate heads
+    custom = HyperContinualModule(
+        num_tasks=2,
+        hnet_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4),
+        emb_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+    )
+    a, b = custom.configure_optimizers()
+    assert isinstance(a, torch.optim.AdamW) and a.defaults["lr"] == 3e-4 and isinstance(b, torch.optim.SGD)
+
+
+@pytest.mark.parametrize("which", ["hnet_optimizer", "emb_optimizer", "ewc"])
+def test_negative_learning_rate_raises_at_configure_optimizers(which: str) -> None:
+    """torch's own constructor validates the factory's lr (issue 14: per-group lrs used to bypass the check)."""
+    bad = lambda p: torch.optim.Adam(p, lr=-1e-3)  # noqa: E731
+    if which == "ewc":
+        m = EWCContinualModule(num_tasks=2, input_dim=4, output_dim=2, hidden=(5,), optimizer=bad)
+    else:
+        m = HyperContinualModule(num_tasks=2, input_dim=4, output_dim=2, hidden=(5,), hnet_hidden=(6,), **{which: bad})
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        m.configure_optimizers()
+
+
+def test_gradient_clipping_is_joint_over_both_optimizers(make_trainer: Trainers) -> None:
+    """With SGD(lr=1) the step is minus the clipped gradient: its norm over θ and the embeddings together is the
+    clip value (clipping each optimizer's parameters separately would give √2 times it)."""
+    clip = 1e-3
+    sgd = lambda p: torch.optim.SGD(p, lr=1.0)  # noqa: E731
+    m = HyperContinualModule(**{**TOY, "num_tasks": 1, "hnet_optimizer": sgd, "emb_optimizer": sgd, "grad_clip": clip})
+    before = [p.detach().clone() for p in (*m.hnet.parameters(), m.task_embeddings)]
+    make_trainer(max_epochs=1).fit(m, Regression1DDataModule(num_tasks=1, steps_per_task=1))
+    after = [p.detach() for p in (*m.hnet.parameters(), m.task_embeddings)]
+    hnet_step = torch.cat([(a - b).flatten() for a, b in zip(after[:-1], before[:-1])]).norm()
+    emb_step = (after[-1] - before[-1]).norm()
+    assert float(hnet_step) > 0 and float(emb_step) > 0
+    assert float(torch.stack([hnet_step, emb_step]).norm()) == pytest.approx(clip, rel=1e-4)

@@ -1,41 +1,21 @@
-"""CIFAR10DataModule on tiny generated pickle batches (the real on-disk format) and on the shared partial copy."""
+"""CIFAR10DataModule (torchvision's reader) on tiny generated pickle batches in both layouts and on the shared partial
+copy."""
 
 from __future__ import annotations
 
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 
+import datamodules.cifar10 as cifar_module
 from datamodules.base import DataFormatError, DatasetNotFoundError
 from datamodules.cifar10 import CIFAR10DataModule, load_cifar_batch
-
-TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
-
-
-def write_fake_cifar(root: Path, per_batch: int = 20, files: list[str] | None = None, seed: int = 0) -> Path:
-    """``root/cifar10/cifar-10-batches-py/*`` as protocol-2 pickles of {'batch_label', 'labels', 'data', 'filenames'}."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar10" / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, name in enumerate(files if files is not None else [*TRAIN, "test_batch", "batches.meta"]):
-        if name == "batches.meta":
-            entry = {"num_cases_per_batch": per_batch, "label_names": ["c"] * 10, "num_vis": 3072}
-        else:
-            labels = rng.integers(0, 10, per_batch).tolist()
-            data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-            data[:, 0] = k  # marks the batch an image came from
-            entry = {
-                "batch_label": name,
-                "labels": labels,
-                "data": data,
-                "filenames": [f"{name}_{i}.png" for i in range(per_batch)],
-            }
-        with open(folder / name, "wb") as fh:
-            pickle.dump(entry, fh, protocol=2)
-    return folder
+from tests.fakedata import write_fake_cifar
 
 
 def test_full_layout_split_and_float_images(tmp_path) -> None:
@@ -80,7 +60,9 @@ def test_missing_files_name_them_and_the_layout(tmp_path) -> None:
     write_fake_cifar(tmp_path, files=["data_batch_1", "test_batch"])
     with pytest.raises(DatasetNotFoundError, match="data_batch_5") as err:
         CIFAR10DataModule(data_dir=str(tmp_path)).setup()
-    assert "cifar-10-batches-py" in str(err.value) and "download" in str(err.value)
+    msg = str(err.value)
+    assert "cifar10/cifar-10-batches-py/data_batch_5" in msg and "download" in msg  # the most complete layout
+    assert "cifar10/cifar-10-batches-py/data_batch_1" not in msg and "torchvision's layout" in msg
     with pytest.raises(DatasetNotFoundError, match="test_batch"):
         CIFAR10DataModule(data_dir=str(tmp_path / "nowhere"), partial=True).setup()
 
@@ -96,7 +78,7 @@ def test_corrupt_and_truncated_files(tmp_path) -> None:
     folder = write_fake_cifar(tmp_path, files=["data_batch_1", "test_batch"])
     blob = (folder / "data_batch_1").read_bytes()
     (folder / "data_batch_1").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(DataFormatError, match="data_batch_1"):
+    with pytest.raises(DataFormatError, match=r"data_batch_1: not a readable CIFAR-10 batch \(truncated"):
         CIFAR10DataModule(data_dir=str(tmp_path), partial=True).setup()
     with open(folder / "data_batch_1", "wb") as fh:
         pickle.dump({"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4}, fh, protocol=2)
@@ -121,3 +103,54 @@ def test_shared_partial_copy(real_data_dir) -> None:
     assert dm.test_set.labels.bincount().tolist() == [1000] * 10
     with pytest.raises(DatasetNotFoundError, match="data_batch_2"):  # the default wants the full data set
         CIFAR10DataModule(data_dir=str(real_data_dir)).setup()
+
+
+def test_torchvision_layout_gives_torchvision_pixels(tmp_path, monkeypatch) -> None:
+    """``data_dir/cifar-10-batches-py`` (an existing torchvision download) is read, pixel for pixel as torchvision."""
+    write_fake_cifar(tmp_path, layout="torchvision")
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), verify_md5=False)
+    dm.setup()
+    assert dm.root == tmp_path / "cifar-10-batches-py"
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)  # fake md5s
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_load_meta", lambda self: None)
+    reference = torchvision.datasets.CIFAR10(str(tmp_path), train=False)
+    expected = torch.from_numpy(reference.data).permute(0, 3, 1, 2)  # torchvision's HWC -> CHW
+    assert torch.equal(dm.test_set.images, expected)
+    assert dm.test_set.labels.tolist() == reference.targets
+
+
+def test_partial_copy_in_either_layout(tmp_path) -> None:
+    write_fake_cifar(tmp_path / "a", per_batch=10, files=["data_batch_1", "test_batch"], layout="torchvision")
+    write_fake_cifar(tmp_path / "b", per_batch=10, files=["data_batch_1", "test_batch"])
+    for sub in ("a", "b"):
+        dm = CIFAR10DataModule(data_dir=str(tmp_path / sub), partial=True)
+        dm.prepare_data()
+        dm.setup()
+        assert (len(dm.train_set), len(dm.hyper_set), len(dm.test_set)) == (8, 2, 10)
+
+
+def test_download_only_with_download_true_through_torchvision(tmp_path, monkeypatch) -> None:
+    source = tmp_path / "source"
+    write_fake_cifar(source, per_batch=10, layout="torchvision")
+    calls = []
+
+    def fake_download(url: str, download_root: str, filename: str | None = None, md5: str | None = None) -> None:
+        calls.append((url, filename, md5))
+        archive = Path(download_root) / str(filename)
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(source / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        torchvision.datasets.utils.extract_archive(str(archive), download_root)
+
+    monkeypatch.setattr(cifar_module, "download_and_extract_archive", fake_download)
+    data = tmp_path / "data"
+    with pytest.raises(DatasetNotFoundError, match="data_batch_1"):
+        CIFAR10DataModule(data_dir=str(data)).prepare_data()
+    assert calls == []
+    dm = CIFAR10DataModule(data_dir=str(data), download=True, verify_md5=False)
+    dm.prepare_data()
+    assert calls == [(torchvision.datasets.CIFAR10.url, "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")]
+    dm.setup()
+    assert dm.root == data / "cifar-10-batches-py" and len(dm.train_set) == 40
+    dm.prepare_data()  # present: nothing downloaded again
+    assert len(calls) == 1

@@ -66,7 +66,7 @@ def test_rank_shards_are_contiguous_disjoint_and_cover_the_global_batch(fake_roo
     shards = []
     for rank in range(2):
         dm = _dm(fake_root, tmp_path)
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)  # type: ignore[assignment]
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, lightning_module=None)  # type: ignore[assignment]
         dm.setup("fit")
         shards.append(dm.train_set.data)
         assert len(dm.train_dataloader()) == len(dm.train_set)
@@ -138,11 +138,11 @@ def test_missing_files_raise_dataset_not_found(tmp_path: Path) -> None:
 def test_download_only_in_prepare_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def fake_download(url: str, dest: Path, md5: str | None = None) -> Path:
-        calls.append((url, Path(dest).name, md5))
-        Path(dest).parent.mkdir(parents=True, exist_ok=True)
-        Path(dest).write_text(" a b c \n b c a \n")
-        return Path(dest)
+    def fake_download(url: str, root: str, filename: str | None = None, md5: str | None = None) -> None:
+        # the signature of torchvision.datasets.utils.download_url
+        calls.append((url, str(filename), md5))
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / str(filename)).write_text(" a b c \n b c a \n")
 
     monkeypatch.setattr(ptb_module, "download_url", fake_download)
     dm = PTBDataModule(data_dir=str(tmp_path), download=True, batch_size=1, bptt=2, cache_dir=str(tmp_path / "hf"))
@@ -151,6 +151,27 @@ def test_download_only_in_prepare_data(tmp_path: Path, monkeypatch: pytest.Monke
     assert all(url.endswith(name) and md5 == ptb_module.PTB_MD5[name] for url, name, md5 in calls)
     dm.prepare_data()  # files present: nothing downloaded again
     assert len(calls) == 3
+
+
+def test_download_with_a_wrong_md5_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's real ``download_url`` (network calls stubbed): a corrupt download is an error and is removed."""
+    import torchvision.datasets.utils as tv_utils
+
+    monkeypatch.setattr(tv_utils, "_get_redirect_url", lambda url, max_hops=3: url)
+    monkeypatch.setattr(tv_utils, "_urlretrieve", lambda url, filename, chunk_size=0: Path(filename).write_text("x"))
+    dm = PTBDataModule(data_dir=str(tmp_path), download=True)
+    with pytest.raises(DataFormatError, match=r"ptb\.train\.txt.*expected md5 f26c4b92c5fdc7b3f8c7cdcb991d8420"):
+        dm.prepare_data()
+    assert list((tmp_path / "ptb").iterdir()) == []
+
+    def interrupted(url: str, filename: str, chunk_size: int = 0) -> None:
+        Path(filename).write_text(" a partial")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(tv_utils, "_urlretrieve", interrupted)
+    with pytest.raises(ConnectionError, match="could not download"):
+        dm.prepare_data()
+    assert list((tmp_path / "ptb").iterdir()) == []  # no partial file that a later run would take for the data
 
 
 def test_corrupt_or_empty_files_raise_format_errors(fake_root: Path, tmp_path: Path) -> None:

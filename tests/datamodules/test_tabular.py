@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+import datamodules.tabular as tabular_module
 from datamodules.base import DataFormatError, DatasetNotFoundError
 from datamodules.tabular import AdultDataModule, BankDataModule, DefaultDataModule
 from tests.datamodules.tabular_fakedata import (
@@ -115,6 +116,28 @@ def test_missing_files_name_the_file_and_layout(tmp_path: Path) -> None:
     assert "adult.data" in str(err.value) and "download" in str(err.value)
     with pytest.raises(DatasetNotFoundError, match=r"bank-full\.csv"):
         BankDataModule(data_dir=str(tmp_path)).setup()
+
+
+def test_adult_downloads_only_with_download_true(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = write_fake_adult(tmp_path / "source")
+    calls: list[tuple[str, str | None, str | None]] = []
+
+    def fake_download(url: str, root: str, filename: str | None = None, md5: str | None = None) -> None:
+        # the signature of torchvision.datasets.utils.download_url
+        calls.append((url, filename, md5))
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / str(filename)).write_bytes((source / str(filename)).read_bytes())
+
+    monkeypatch.setattr(tabular_module, "download_url", fake_download)
+    data = tmp_path / "data"
+    with pytest.raises(DatasetNotFoundError):
+        AdultDataModule(data_dir=str(data)).prepare_data()
+    assert calls == []
+    dm = _setup(AdultDataModule(data_dir=str(data), download=True, verify_row_counts=False))
+    assert sorted(calls) == sorted((url, f, md5) for f, (url, md5) in AdultDataModule.urls.items())
+    assert len(dm.test_set) == 80
+    dm.prepare_data()  # present: nothing downloaded again
+    assert len(calls) == 2
 
 
 def test_row_count_check(tmp_path: Path) -> None:

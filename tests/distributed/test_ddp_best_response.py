@@ -11,6 +11,7 @@ import torch
 from hyperlit.tuning.best_response import BestResponseModule
 from tests.distributed.helpers import fit_ranks
 from tests.distributed.test_ddp_bilevel import ShardedStreams
+from tests.tuning.test_bilevel import adam
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # 22-32 s on 2 shared cores
 
@@ -26,8 +27,8 @@ def _module() -> BestResponseModule:
         init_log_penalty=-1.0,
         sample_std=0.5,
         warmup_steps=2,
-        phi_lr=0.01,
-        hyper_lr=0.05,
+        phi_optimizer=adam(0.01),
+        hyper_optimizer=adam(0.05),
         plot_schedule=False,
     )
 

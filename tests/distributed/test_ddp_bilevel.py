@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from hyperlit.hparams import Hyperparameter
-from tests.tuning.test_bilevel import LinearBestResponse
+from tests.tuning.test_bilevel import LinearBestResponse, adam, sgd
 
 pytestmark = pytest.mark.distributed
 
@@ -37,7 +37,9 @@ def _data(n: int = 64) -> tuple[TensorDataset, TensorDataset]:
 
 def _model() -> LinearBestResponse:
     hp = [Hyperparameter("l2", 0.0, float("inf"), 0.1, transform="log", init_sigma=1e-7)]
-    return LinearBestResponse(hyperparameters=hp, warmup_steps=2, hyper_lr=0.05, tune_sigma=False, phi_lr=0.02)
+    return LinearBestResponse(
+        hyperparameters=hp, warmup_steps=2, hyper_optimizer=adam(0.05), tune_sigma=False, phi_optimizer=sgd(0.02)
+    )
 
 
 class ShardedStreams(pl.LightningDataModule):

@@ -101,15 +101,15 @@ def test_cli_ddp_stn_language_model(tmp_path: Path) -> None:
 
     root = write_fake_ptb(tmp_path / "data", n_train=120, n_valid=30, n_test=10)
     model = {
-        "class_path": "hyperlit.tuning.stn_lm.StnLanguageModelModule",
+        "class_path": "hyperlit.tuning.StnLanguageModelModule",
         "init_args": {
             "vocab_size": len(WORDS) + 1,
             "embedding_size": 8,
             "hidden_size": 8,
             "warmup_epochs": 0,
             "warmup_steps": 2,
-            "phi_lr": 2.0,
-            "hyper_lr": 0.05,
+            "phi_optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 2.0}},
+            "hyper_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.05}},
         },
     }
     data = {
@@ -168,7 +168,7 @@ def test_cli_ddp_pareto_hypernetwork(tmp_path: Path) -> None:
 def test_cli_ddp_best_response(tmp_path: Path) -> None:
     write_fake_mnist(tmp_path / "data", n_train=200, n_test=40)
     model = {
-        "class_path": "hyperlit.tuning.best_response.BestResponseModule",
+        "class_path": "hyperlit.tuning.BestResponseModule",
         "init_args": {
             "mode": "local",
             "input_dim": 784,
@@ -179,8 +179,8 @@ def test_cli_ddp_best_response(tmp_path: Path) -> None:
             "hnet_hidden": [],
             "loss": "mse",
             "warmup_steps": 1,
-            "phi_lr": 0.01,
-            "hyper_lr": 0.05,
+            "phi_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
+            "hyper_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.05}},
         },
     }
     data = {

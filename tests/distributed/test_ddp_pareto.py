@@ -9,11 +9,15 @@
   the multi-task cross-entropies are batch means, so the rank mean of the per-rank losses/gradients is the
   global batch's. (The fairness gaps are not batch means; that case is checked for rank agreement only.)
 * No unused-parameter error: the target runs functionally, its own parameters are frozen.
+* The validation front (:class:`~hyperlit.pareto.front_metric.FrontStatistics`, a sum state reduced by
+  torchmetrics) is the whole split's: ``val/hv``, ``val/uniformity`` and the objective means logged by both ranks
+  of a 2-process ``validate`` over uneven shards equal the single-process values.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from hyperlit.pareto import ParetoHyperNetModule
 from hyperlit.pareto.solvers import SolverOutput
@@ -127,7 +131,13 @@ class ShardedTensors(pl.LightningDataModule):
 def _phn(trace_dir: Path, solver: str, kind: str = "multitask", **extra: Any) -> RecordingPHN:
     torch.manual_seed(0)
     common: dict[str, Any] = dict(
-        solver=solver, rays_per_step=2, alpha=1.0, hnet_hidden=(16,), lr=3e-3, seed=3, **extra
+        solver=solver,
+        rays_per_step=2,
+        alpha=1.0,
+        hnet_hidden=(16,),
+        optimizer=partial(torch.optim.Adam, lr=3e-3),  # ddp_spawn pickles the module: no local lambda
+        seed=3,
+        **extra,
     )
     if kind == "multitask":
         return RecordingPHN(str(trace_dir), objectives=("ce_0", "ce_1"), target=TwoTaskNet(), **common)
@@ -213,3 +223,70 @@ def test_phn_epo_fairness_ranks_agree(tmp_path: Path) -> None:
     assert traces[0]["lp_losses"] == traces[1]["lp_losses"] and traces[0]["w"] == traces[1]["w"]
     assert ranks[0]["epo_solves"] == [24.0]
     assert all(torch.isfinite(_t(v)).all() for k, v in ranks[0].items() if k.startswith("hnet."))
+
+
+class DumpValMetrics(pl.Callback):
+    """Write what each rank logged for validation, and the front it computed itself (``last_front``, before the
+    logging sync), to ``<dir>/val<rank>.json``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        front = pl_module.last_front
+        assert front is not None
+        logged.update({f"own/{k}": v for k, v in front.scalars().items()})
+        Path(self.directory, f"val{trainer.global_rank}.json").write_text(json.dumps(logged))
+
+
+class UnevenValShards(pl.LightningDataModule):
+    """The fairness validation split (odd size) cut into unpadded shards: rank r takes examples r, r + W, …"""
+
+    def __init__(self, n_val: int = 21, batch_size: int = 4) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(n_val, 5, generator=g)
+        group = (torch.rand(n_val, generator=g) < 0.4).long()
+        y = ((x[:, 0] + 0.8 * group + 0.5 * torch.randn(n_val, generator=g)) > 0.3).float()
+        self.val = TensorDataset(x, y, group)
+        self.batch_size = batch_size
+        self.input_dim = 5
+
+    def val_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        shard = Subset(self.val, range(rank, len(self.val), world))  # 11 and 10 examples: no padding duplicates
+        return DataLoader(shard, batch_size=self.batch_size)
+
+
+def test_val_front_under_ddp_equals_one_process(tmp_path: Path, make_trainer: Any) -> None:
+    """The fairness gaps are ratios of split-level counts, so only summed statistics give the split's front: both
+    ranks of a 2-process ``validate`` log the single-process ``val/hv``, ``val/uniformity`` and objective means."""
+    torch.manual_seed(0)
+    model = ParetoHyperNetModule(in_dim=5, target_hidden=(8,), hnet_hidden=(16,), test_ray_partitions=5, seed=1)
+    logged = {}
+    for devices in (2, 1):
+        directory = tmp_path / f"devices{devices}"
+        directory.mkdir()
+        strategy = "ddp_spawn" if devices > 1 else "auto"
+        trainer = make_trainer(
+            devices=devices,
+            strategy=strategy,
+            use_distributed_sampler=False,
+            callbacks=[DumpValMetrics(str(directory))],
+        )
+        trainer.validate(model, datamodule=UnevenValShards(), verbose=False)
+        logged[devices] = [json.loads((directory / f"val{r}.json").read_text()) for r in range(devices)]
+    (rank0, rank1), (single,) = logged[2], logged[1]
+    names = ("hv", "uniformity", "bce_mean", "fpr_gap_mean", "fnr_gap_mean")
+    keys = {f"{prefix}/{name}" for prefix in ("val", "own") for name in names}
+    assert set(rank0) == set(rank1) == set(single) == keys
+    assert rank0 == rank1  # compute() summed the states over ranks: the same front on every rank
+    for name in names:
+        assert rank0[f"own/{name}"] == pytest.approx(rank0[f"val/{name}"], abs=1e-7), name  # logged as computed
+        assert rank0[f"val/{name}"] == pytest.approx(single[f"val/{name}"], abs=1e-6), name
+    assert 0 < single["val/hv"] < 1 and single["val/fpr_gap_mean"] > 0
+    # and one process logs what evaluate() (no Trainer) gives on the whole split
+    front = model.evaluate(DataLoader(UnevenValShards().val, batch_size=7))
+    assert single["val/hv"] == pytest.approx(front.hv, abs=1e-6)
+    assert single["val/uniformity"] == pytest.approx(front.uniformity, abs=1e-6)

@@ -12,6 +12,7 @@ from hyperlit.models.stn_cnn import StnMLP
 from hyperlit.tuning import SelfTuningModule
 from tests.distributed.helpers import fit_ranks
 from tests.distributed.test_ddp_bilevel import ShardedStreams
+from tests.tuning.test_bilevel import adam
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # 23-36 s on 2 shared cores
 
@@ -25,9 +26,9 @@ def _stn() -> SelfTuningModule:
         hyperparameters=hps,
         loss="mse",
         warmup_steps=2,
-        phi_optimizer="adam",
-        hyper_lr=0.05,
-        sigma_lr=0.05,
+        phi_optimizer=adam(0.01),
+        hyper_optimizer=adam(0.05),
+        sigma_optimizer=adam(0.05),
         plot_schedule=False,
     )
 

@@ -25,6 +25,7 @@ from datamodules.ptb import PTBDataModule
 from hyperlit.tuning.stn_lm import StnLanguageModelModule, unpack_window
 from tests.datamodules.ptb_fakedata import write_fake_ptb
 from tests.distributed.helpers import fit_ranks
+from tests.tuning.test_bilevel import adam, sgd
 
 # one 2-process spawn + one 1-process fit: 69-78 s at load 5-6 on the 2 shared cores (about 25 s of CPU), so with
 # the slow tests; the default run covers the STN LM under DDP with the CLI run in test_ddp_cli_modules.py
@@ -82,8 +83,8 @@ def _model(trace_dir: Path, vocab: int) -> RecordingStnLM:
         fixed={"dropouti": 0.0, "dropouth": 0.0, "wdrop": 0.0},
         warmup_epochs=0,
         warmup_steps=2,
-        phi_lr=2.0,
-        hyper_lr=0.05,
+        phi_optimizer=sgd(2.0, 0.0),
+        hyper_optimizer=adam(0.05),
         nonmono=None,
         plot_schedule=False,  # its on_train_end reads trainer.log_dir (a collective) on rank 0 only
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.tabular import AdultDataModule
@@ -15,24 +16,18 @@ from hyperlit.pareto import ParetoHyperNetModule
 
 
 @pytest.mark.slow
-def test_real_adult_phn_ls_and_phn_epo(real_data_dir: Path, tmp_path: Path) -> None:
+def test_real_adult_phn_ls_and_phn_epo(real_data_dir: Path, tmp_path: Path, make_trainer) -> None:
     dm = AdultDataModule(data_dir=str(real_data_dir), batch_size=256)
     dm.setup("fit")
     report = {}
     for solver in ("ls", "epo"):
         pl.seed_everything(0)
-        model = ParetoHyperNetModule(solver=solver, lr=1e-3, in_dim=dm.input_dim)
+        model = ParetoHyperNetModule(
+            solver=solver, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), in_dim=dm.input_dim
+        )
         untrained = model.evaluate(dm.test_dataloader())
         ckpt = ModelCheckpoint(dirpath=tmp_path / solver, monitor="val/hv", mode="max", save_top_k=1)
-        trainer = pl.Trainer(
-            max_epochs=3,
-            callbacks=[ckpt],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            accelerator="cpu",
-        )
+        trainer = make_trainer(max_epochs=3, callbacks=[ckpt], enable_checkpointing=True)
         trainer.fit(model, datamodule=dm)
         trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)
         hv, unif = float(trainer.callback_metrics["test/hv"]), float(trainer.callback_metrics["test/uniformity"])

@@ -1,5 +1,6 @@
-"""``hyperlit fit --config examples/phn_adult.yaml`` (subprocess) and ``hyperlit predict`` with a ray on the
-command line, from the checkpoint the fit wrote."""
+"""``hyperlit fit --config examples/phn_adult.yaml`` (subprocess, with another optimizer from the command line) and
+``hyperlit predict`` with a ray on the command line, from the checkpoint the fit wrote; ``--print_config`` of the
+example configs shows the optimizer."""
 
 from __future__ import annotations
 
@@ -43,14 +44,21 @@ def test_phn_adult_config_fits_then_predicts_at_a_command_line_ray(tmp_path: Pat
         "ls",
         "--model.test_ray_partitions",
         "5",
+        "--model.optimizer",
+        "torch.optim.AdamW",
+        "--model.optimizer.lr",
+        "3e-4",
     ]
     cmd = [sys.executable, "-m", "hyperlit", "fit", *common, *fit]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = sorted((tmp_path / "run").rglob("best-hv-*.ckpt"))
     assert len(best) == 1 and any((tmp_path / "run").rglob("last.ckpt"))
-    hparams = torch.load(best[0], weights_only=True)["hyper_parameters"]
+    ckpt = torch.load(best[0], weights_only=True)
+    hparams = ckpt["hyper_parameters"]
     assert hparams["solver"] == "ls" and hparams["in_dim"] > 0  # override and inferred in_dim are stored
+    (group,) = ckpt["optimizer_states"][0]["param_groups"]  # one optimizer, over φ
+    assert group["lr"] == 3e-4 and group["decoupled_weight_decay"]  # AdamW from the command line
 
     import_all()
     ray = [0.2, 0.5, 0.3]
@@ -71,3 +79,21 @@ def test_phn_adult_config_fits_then_predicts_at_a_command_line_ray(tmp_path: Pat
         expected = torch.sigmoid(model.network_for_ray(ray)(x).squeeze(-1))
     assert preds.shape == (60,)
     torch.testing.assert_close(preds, expected)
+
+
+@pytest.mark.parametrize("name", ["phn_adult", "phn_bank", "phn_default"])
+def test_example_configs_print_their_optimizer(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from hyperlit.cli import main
+
+    args = ["fit", "--config", str(ROOT / "examples" / f"{name}.yaml"), "--print_config"]
+    with pytest.raises(SystemExit):
+        main(args)
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert model["optimizer"]["class_path"] == "torch.optim.Adam" and model["optimizer"]["init_args"]["lr"] == 1e-4
+    assert model["lr_scheduler"] is None
+    with pytest.raises(SystemExit):
+        main([*args, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.01"])
+    optimizer = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["optimizer"]
+    assert optimizer["class_path"] == "torch.optim.SGD" and optimizer["init_args"]["lr"] == 0.01

@@ -1,4 +1,4 @@
-"""Hypervolume, uniformity and rays."""
+"""Hypervolume, uniformity and rays; the front of a whole split as a torchmetrics Metric (FrontStatistics)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hyperlit.pareto.front_metric import FrontStatistics
 from hyperlit.pareto.metrics import (
     circle_rays,
     das_dennis,
@@ -20,6 +21,7 @@ from hyperlit.pareto.metrics import (
     uniformity,
     validate_ray,
 )
+from hyperlit.pareto.objectives import FairnessObjectives, MultiTaskObjectives
 
 
 def _grid_hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
@@ -120,3 +122,37 @@ def test_sampled_rays_are_seeded_by_step() -> None:
 def test_bad_rays(ray: list[float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         validate_ray(ray, 2)
+
+
+def test_front_statistics_sums_batches_into_the_split_front() -> None:
+    """Batches of different sizes give the front of the concatenated split (the gaps are split-level ratios)."""
+    g = torch.Generator().manual_seed(0)
+    objectives = FairnessObjectives()
+    rays = evaluation_rays(3, n_partitions=5)
+    n = 37
+    logits = torch.randn(len(rays), n, 1, generator=g)
+    y = (torch.rand(n, generator=g) < 0.4).float()
+    group = (torch.rand(n, generator=g) < 0.5).long()
+    metric = FrontStatistics(objectives, rays, ref_point=(1.0, 1.2, 1.0))
+    assert metric.stats.shape == (len(rays), objectives.num_statistics) and metric.stats.dtype == torch.float64
+    for lo, hi in [(0, 5), (5, 21), (21, n)]:
+        metric.update(logits[:, lo:hi], (None, y[lo:hi], group[lo:hi]))
+    front = metric.compute()
+    whole = objectives.from_statistics(objectives.statistics(logits, (None, y, group)))
+    expected = evaluate_front(whole, rays, (1.0, 1.2, 1.0), objectives.names)
+    torch.testing.assert_close(front.losses, expected.losses)
+    assert front.hv == pytest.approx(expected.hv, abs=1e-12) and front.ref_point == (1.0, 1.2, 1.0)
+    assert front.uniformity == pytest.approx(expected.uniformity, abs=1e-12)
+    scalars = front.scalars()
+    assert list(scalars) == ["hv", "uniformity", "bce_mean", "fpr_gap_mean", "fnr_gap_mean"]
+    assert scalars["fpr_gap_mean"] == pytest.approx(float(whole[:, 1].mean()), abs=1e-12)
+    metric.reset()
+    assert metric.update_count == 0 and not metric.stats.any()
+    relaxed = FrontStatistics(objectives, rays, hard=False)
+    relaxed.update(logits, (None, y, group))
+    torch.testing.assert_close(relaxed.compute().losses, objectives.losses(logits, (None, y, group)))
+    with pytest.raises(ValueError, match="2 weight sets, the front has 6 rays"):
+        metric.update(logits[:2], (None, y, group))
+    with pytest.raises(ValueError, match=r"rays must be \(R, 3\)"):
+        FrontStatistics(objectives, rays[:, :2])
+    assert MultiTaskObjectives(3).num_statistics == 7

@@ -1,4 +1,5 @@
-"""The Pareto-front plotting callback (2-D and 3-D fronts, TensorBoard figure or PNG, rank 0 only)."""
+"""The Pareto-front plotting callback (2-D and 3-D fronts, TensorBoard figure or PNG, rank 0 only, the current
+epoch's front)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from hyperlit.callbacks.pareto_front import ParetoFrontPlot, plot_front
 from hyperlit.pareto.metrics import evaluate_front, evaluation_rays
@@ -45,19 +47,39 @@ def test_callback_png_tensorboard_and_guards(tmp_path: Path) -> None:
     module = SimpleNamespace(last_front=_front(3))
     cb = ParetoFrontPlot()
     csv_like = SimpleNamespace(experiment=SimpleNamespace())  # no add_figure: PNG in the log dir
-    cb.on_validation_epoch_end(_trainer(tmp_path, csv_like), module)  # type: ignore[arg-type]
+    cb.on_validation_end(_trainer(tmp_path, csv_like), module)  # type: ignore[arg-type]
     assert cb.last_path == tmp_path / "pareto_front" / "epoch_0003.png" and cb.last_path.exists()
 
     figures = []
     tb_like = SimpleNamespace(
         experiment=SimpleNamespace(add_figure=lambda tag, fig, global_step: figures.append((tag, global_step)))
     )
-    cb.on_validation_epoch_end(_trainer(tmp_path, tb_like), module)  # type: ignore[arg-type]
+    cb.on_validation_end(_trainer(tmp_path, tb_like), module)  # type: ignore[arg-type]
     assert figures == [("pareto_front", 3)]
-    cb.on_validation_epoch_end(_trainer(tmp_path, tb_like, sanity=True), module)  # type: ignore[arg-type]
-    cb.on_validation_epoch_end(_trainer(tmp_path, tb_like, zero=False), module)  # type: ignore[arg-type]
-    cb.on_validation_epoch_end(_trainer(tmp_path, tb_like), SimpleNamespace(last_front=None))  # type: ignore[arg-type]
+    cb.on_validation_end(_trainer(tmp_path, tb_like, sanity=True), module)  # type: ignore[arg-type]
+    cb.on_validation_end(_trainer(tmp_path, tb_like, zero=False), module)  # type: ignore[arg-type]
+    cb.on_validation_end(_trainer(tmp_path, tb_like), SimpleNamespace(last_front=None))  # type: ignore[arg-type]
     assert len(figures) == 1
     with pytest.raises(ValueError, match="every_n_epochs"):
         ParetoFrontPlot(every_n_epochs=0)
     assert torch.is_tensor(module.last_front.losses)
+
+
+def test_callback_draws_the_front_of_the_epoch_just_validated(
+    tmp_path: Path, make_trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a Trainer the plotted front is the one the module computed this epoch, not the sanity check's."""
+    import hyperlit.callbacks.pareto_front as module_under_test
+    from hyperlit.pareto import ParetoHyperNetModule
+
+    drawn = []
+    original = module_under_test.plot_front
+    monkeypatch.setattr(module_under_test, "plot_front", lambda front, **kw: drawn.append(front) or original(front))
+    g = torch.Generator().manual_seed(0)
+    x, y, group = torch.randn(32, 3, generator=g), (torch.rand(32, generator=g) < 0.5).float(), torch.arange(32) % 2
+    loader = DataLoader(TensorDataset(x, y, group), batch_size=8)
+    model = ParetoHyperNetModule(in_dim=3, target_hidden=(4,), hnet_hidden=(8,), test_ray_partitions=4)
+    cb = ParetoFrontPlot()
+    make_trainer(max_epochs=2, num_sanity_val_steps=1, callbacks=[cb]).fit(model, loader, loader)
+    assert len(drawn) == 2 and drawn[-1] is model.last_front  # one per epoch, none for the sanity check
+    assert cb.last_path is not None and cb.last_path.name == "epoch_0001.png" and cb.last_path.exists()

@@ -4,6 +4,7 @@ per-weight penalties, logging, checkpoints and errors."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hyperlit.hparams import Hyperparameter
 from hyperlit.tuning.best_response import BestResponseModule
 from tests.fakedata import write_fake_mnist
+from tests.tuning.test_bilevel import adam
 
 
 @pytest.fixture(autouse=True)
@@ -73,21 +75,6 @@ def repeated_loaders(train, val, steps: int) -> dict[str, DataLoader]:
     return {"train": stream(*train), "hyper": stream(*val)}
 
 
-def trainer(tmp_path, **kwargs) -> pl.Trainer:
-    kwargs.setdefault("max_epochs", 1)
-    kwargs.setdefault("logger", False)
-    return pl.Trainer(
-        accelerator="cpu",
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
-
-
 def ridge_module(mode: str, d: int = 20, **kwargs) -> BestResponseModule:
     settings = {
         "global": dict(warmup_steps=1000, num_samples=32, prior_mean=-1.0, prior_std=2.0, hyper_steps=1),
@@ -101,8 +88,8 @@ def ridge_module(mode: str, d: int = 20, **kwargs) -> BestResponseModule:
         num_classes=1,
         loss="mse",
         init_log_penalty=-3.5,
-        phi_lr=1e-2,
-        hyper_lr=3e-2,
+        phi_optimizer=adam(1e-2),
+        hyper_optimizer=adam(3e-2),
         plot_schedule=False,
         **settings,
     )
@@ -132,13 +119,13 @@ def test_retrained_weights_are_stationary_for_the_module_objective() -> None:
 
 
 @pytest.mark.parametrize(("mode", "steps"), [("global", 1200), ("local", 800), ("simplified", 800)])
-def test_mode_reaches_grid_optimum(tmp_path, mode: str, steps: int) -> None:
+def test_mode_reaches_grid_optimum(make_trainer, mode: str, steps: int) -> None:
     train, val = ridge_problem()
     lam_star = grid_optimum(train, val)
     model = ridge_module(mode)
     start = model.space.unconstrained.item()
     assert abs(start - lam_star) > 1.5
-    trainer(tmp_path).fit(model, train_dataloaders=repeated_loaders(train, val, steps))
+    make_trainer(limit_val_batches=0).fit(model, train_dataloaders=repeated_loaders(train, val, steps))
     final = model.space.unconstrained.item()
     assert abs(final - lam_star) < 0.3, f"{mode}: λ̂ = {final:.3f}, grid optimum {lam_star:.3f}"
     if mode == "global":  # phase 2 took only λ-steps
@@ -164,12 +151,12 @@ class _Snapshot(pl.Callback):
         self.phis.append(torch.cat([p.detach().flatten().clone() for p in pl_module.hnet.parameters()]))
 
 
-def test_global_mode_phases(tmp_path) -> None:
+def test_global_mode_phases(make_trainer) -> None:
     """Phase 1 moves only φ (λ̂ fixed), phase 2 moves only λ̂ (φ frozen); the switch follows the own counter."""
     train, val = ridge_problem()
     model = ridge_module("global", warmup_steps=6, hyper_steps=2)
     snap = _Snapshot()
-    trainer(tmp_path, callbacks=[snap]).fit(model, train_dataloaders=repeated_loaders(train, val, 10))
+    make_trainer(limit_val_batches=0, callbacks=[snap]).fit(model, train_dataloaders=repeated_loaders(train, val, 10))
     lam0 = -3.5
     assert snap.lams[:6] == pytest.approx([lam0] * 6)
     assert all(not torch.equal(a, b) for a, b in zip(snap.phis[:5], snap.phis[1:6]))
@@ -294,7 +281,7 @@ def test_tuned_target_and_forward_agree() -> None:
         model(x, torch.zeros(2, 3))
 
 
-def test_vector_hyperparameters_are_logged_as_histograms(tmp_path) -> None:
+def test_vector_hyperparameters_are_logged_as_histograms(make_trainer, tmp_path) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -303,17 +290,19 @@ def test_vector_hyperparameters_are_logged_as_histograms(tmp_path) -> None:
         mode="local", input_dim=3, num_classes=1, loss="mse", penalty="per_weight", train_steps=1, plot_schedule=False
     )
     logger = TensorBoardLogger(tmp_path, name="br")
-    trainer(tmp_path, logger=logger, log_every_n_steps=1).fit(model, train_dataloaders=repeated_loaders(train, val, 4))
+    make_trainer(limit_val_batches=0, logger=logger, log_every_n_steps=1).fit(
+        model, train_dataloaders=repeated_loaders(train, val, 4)
+    )
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0}).Reload()
     assert {"log_hparam/weight_decay", "hparam/weight_decay"} <= set(events.Tags()["histograms"])
     assert "log_hparam/weight_decay_mean" in events.Tags()["scalars"]
     assert "hparam/weight_decay_mean" in events.Tags()["scalars"]
 
 
-def test_checkpoint_round_trip(tmp_path) -> None:
+def test_checkpoint_round_trip(make_trainer, tmp_path) -> None:
     train, val = ridge_problem(d=5, n=20, n_val=20)
     model = ridge_module("local", d=5, warmup_steps=2)
-    fit = trainer(tmp_path)
+    fit = make_trainer(limit_val_batches=0)
     fit.fit(model, train_dataloaders=repeated_loaders(train, val, 6))
     path = tmp_path / "br.ckpt"
     fit.save_checkpoint(path)
@@ -367,10 +356,28 @@ def test_paper_configs_parse_and_build_the_papers_hypernets(name: str, hnet_para
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(path), "--print_config"])
     assert exit_info.value.code in (0, None)
-    assert "hyperlit.tuning.best_response.BestResponseModule" in capsys.readouterr().out
+    assert "hyperlit.tuning.BestResponseModule" in capsys.readouterr().out
     init_args = yaml.safe_load(path.read_text())["model"]["init_args"]
+    optimizers = {k: init_args.pop(k) for k in ("phi_optimizer", "hyper_optimizer")}
+    assert all(opt["class_path"] == "torch.optim.Adam" for opt in optimizers.values())  # the paper's
     model = BestResponseModule(**init_args, hnet_hidden_bias=True)  # count the bottleneck bias like the paper
     assert model.hnet.num_parameters() == hnet_params
+
+
+def test_cli_help_lists_every_argument(capsys) -> None:
+    """``--model.help``: the module's own arguments and the loop's (through ``**kwargs``), not the fixed ones."""
+    import inspect
+
+    from hyperlit.cli import main
+    from hyperlit.tuning.bilevel import BilevelModule
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "hyperlit.tuning.BestResponseModule"])
+    shown = set(re.findall(r"^  --model\.([a-z_]+) ", capsys.readouterr().out, flags=re.M))
+    own = set(inspect.signature(BestResponseModule.__init__).parameters) - {"self", "kwargs"}
+    loop = set(inspect.signature(BilevelModule.__init__).parameters) - {"self"}
+    fixed = {"hyperparameters", "entropy_weight", "tune_sigma", "sigma_optimizer"}  # set by BestResponseModule
+    assert shown == own | (loop - fixed), sorted(shown ^ (own | (loop - fixed)))
 
 
 def test_cli_fit_runs_the_per_weight_config(tmp_path) -> None:
@@ -384,7 +391,7 @@ def test_cli_fit_runs_the_per_weight_config(tmp_path) -> None:
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=EXAMPLES.parent)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Tuned hyperparameters: weight_decay=mean" in result.stdout
+    assert "Tuned hyperparameters: weight_decay=mean" in result.stdout + result.stderr  # Lightning's logger
     version = tmp_path / "run" / "lightning_logs" / "version_0"
     rows = (version / "hparam_schedule.csv").read_text().splitlines()
     assert rows[0].startswith("hyper_step") and len(rows) == 1 + 1  # 3 φ-steps, train_steps=2 → one λ-step
@@ -425,7 +432,7 @@ def retrain_softmax(train, val, log_lams: Tensor, iters: int = 300) -> Tensor:
 
 
 @pytest.mark.slow
-def test_per_weight_penalties_reach_the_best_global_validation_loss(real_data_dir, tmp_path) -> None:
+def test_per_weight_penalties_reach_the_best_global_validation_loss(real_data_dir, make_trainer) -> None:
     """784-10 softmax regression on 500 MNIST images: the factorized hypernet with 7,850 per-weight penalties,
     started from the best global penalty of a retrained grid, ends at a validation loss no worse than that grid's.
 
@@ -447,14 +454,14 @@ def test_per_weight_penalties_reach_the_best_global_validation_loss(real_data_di
         init_log_penalty=float(grid[best]),
         sample_std=PW["sample_std"],
         num_samples=PW["num_samples"],
-        phi_lr=PW["phi_lr"],
-        hyper_lr=PW["hyper_lr"],
+        phi_optimizer=adam(PW["phi_lr"]),
+        hyper_optimizer=adam(PW["hyper_lr"]),
         warmup_steps=PW["warmup_steps"],
         train_steps=PW["train_steps"],
         plot_schedule=False,
     )
     assert model.space.dim == 7850
-    trainer(tmp_path).fit(model, train_dataloaders=repeated_loaders(train, val, PW["steps"]))
+    make_trainer(limit_val_batches=0).fit(model, train_dataloaders=repeated_loaders(train, val, PW["steps"]))
     val_loss = model.eval_metrics(val)["loss"].item()
     spread = model.space.unconstrained.detach().std().item()
     assert spread > 0.05, "the per-weight penalties did not move apart"

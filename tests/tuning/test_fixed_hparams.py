@@ -18,6 +18,7 @@ from hyperlit.hparams import Hyperparameter
 from hyperlit.models.stn_cnn import StnMLP, StnSmallCNN
 from hyperlit.nn.stn import StnLayer
 from hyperlit.tuning.fixed_hparams import FixedHyperparameterModule, PlainConv2d, plain_twin
+from tests.tuning.test_bilevel import sgd
 
 ZERO = {"dropout0": 0.0, "dropout1": 0.0, "dropout2": 0.0, "hue": 0.0, "contrast": 0.0, "sat": 0.0, "bright": 0.0}
 ZERO |= {"indropout": 0.0, "inscale": 0.0, "cutlength": 0.0, "cutholes": 0.0}
@@ -64,7 +65,7 @@ def test_plain_twin_has_no_stn_layers_and_matches_the_zero_response() -> None:
 
 
 def test_fixed_mode_without_regularization_trains_like_a_plain_cnn(tmp_path: Path) -> None:
-    module = FixedHyperparameterModule(_net(), values=ZERO, phi_lr=0.1, seed=3)
+    module = FixedHyperparameterModule(_net(), values=ZERO, optimizer=sgd(0.1), seed=3)
     convs = [m for m in module.net.modules() if isinstance(m, nn.Conv2d)]
     ref = nn.Sequential(
         *(
@@ -186,3 +187,30 @@ def test_works_with_an_stn_mlp_and_the_unconverted_net() -> None:
     kept = FixedHyperparameterModule(net, values={"dropout0": 0.0, "dropout1": 0.0}, plain=False).eval()
     x = torch.rand(4, 6)
     torch.testing.assert_close(plain(x), kept(x))
+
+
+def test_hyperlit_datamodule_serves_plain_batches_and_the_schedule_steps(make_trainer) -> None:
+    """A hyperlit DataModule adds the hyper stream only for tuning modules: this module gets plain batches. The
+    optional ``lr_scheduler`` is stepped once per epoch; metrics are torchmetrics' (train/val loss and accuracy)."""
+    from datamodules.digits import DigitsDataModule
+
+    class Batches(Callback):
+        def __init__(self) -> None:
+            self.kinds: set[type] = set()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+            self.kinds.add(type(batch))
+
+    torch.manual_seed(0)
+    module = FixedHyperparameterModule(
+        StnMLP(in_features=64, hidden=(8,), num_classes=10),
+        optimizer=sgd(0.1),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+    )
+    batches = Batches()
+    trainer = make_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2, callbacks=[batches])
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert batches.kinds == {list}
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.025)
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
+    assert 0 <= float(trainer.callback_metrics["val/acc"]) <= 1

@@ -22,6 +22,7 @@ from hyperlit.models.stn_lstm_lm import LM_HPARAMS
 from hyperlit.tuning.schedule_replay import LSTMLanguageModelModule, load_schedule
 from hyperlit.tuning.stn_lm import StnLanguageModelModule
 from tests.datamodules.ptb_fakedata import WORDS, write_fake_ptb
+from tests.tuning.test_bilevel import sgd
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 VOCAB = len(WORDS) + 1
@@ -62,7 +63,12 @@ def _trainer(tmp_path: Path, **kwargs: object) -> pl.Trainer:
 
 
 def _small_stn(**kwargs: object) -> StnLanguageModelModule:
-    args: dict[str, object] = {"vocab_size": VOCAB, "embedding_size": 12, "hidden_size": 12, "phi_lr": 5.0}
+    args: dict[str, object] = {
+        "vocab_size": VOCAB,
+        "embedding_size": 12,
+        "hidden_size": 12,
+        "phi_optimizer": sgd(5.0, 0.0),
+    }
     args.update(kwargs)
     return StnLanguageModelModule(**args)  # type: ignore[arg-type]
 
@@ -207,7 +213,9 @@ def test_replay_module_follows_the_schedule_step_by_step(fake_root: Path, tmp_pa
         {"phi_step": 5.0, "epoch": 0.0, "dropouto": 0.6, "wdrop": 0.2},
     ]
     path = _write_schedule(tmp_path / "sched.csv", rows)
-    model = LSTMLanguageModelModule(VOCAB, 12, 12, values={"dropouto": 0.05}, schedule=str(path), lr=5.0)
+    model = LSTMLanguageModelModule(
+        VOCAB, 12, 12, values={"dropouto": 0.05}, schedule=str(path), optimizer=sgd(5.0, 0.0)
+    )
     used: list[tuple[float, float]] = []
     original = model.current_values
 
@@ -226,7 +234,7 @@ def test_replay_module_follows_the_schedule_step_by_step(fake_root: Path, tmp_pa
 
 def test_fixed_value_mode_trains_a_plain_lstm(fake_root: Path, tmp_path: Path) -> None:
     dm = _dm(fake_root, tmp_path)
-    model = LSTMLanguageModelModule(VOCAB, 16, 16, values={"dropouto": 0.3, "alpha": 1.0}, lr=5.0)
+    model = LSTMLanguageModelModule(VOCAB, 16, 16, values={"dropouto": 0.3, "alpha": 1.0}, optimizer=sgd(5.0, 0.0))
     assert all(not hasattr(rnn, "hyper_bottleneck") for rnn in model.net.rnns)  # no STN layers
     trainer = _trainer(tmp_path, max_epochs=3, limit_val_batches=4)
     dm.setup("validate")

@@ -20,23 +20,11 @@ from datamodules.digits import DigitsDataModule
 from hyperlit.hparams import Hyperparameter
 from hyperlit.models.stn_cnn import StnAlexNet, StnMLP, StnSmallCNN, alexnet_hyperparameters
 from hyperlit.nn.stn import StnLinear, StnNet, convert_to_stn
+from hyperlit.streams import HyperStreamDataModule
 from hyperlit.tuning import SelfTuningModule
+from tests.tuning.test_bilevel import adam, sgd
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _trainer(tmp_path, epochs: int = 1, **kwargs) -> pl.Trainer:
-    kwargs.setdefault("logger", False)
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -146,7 +134,7 @@ def _ridge_problem(d: int = 4, n_train: int = 10, n_val: int = 400, seed: int = 
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
-def test_ridge_regression_converges_to_closed_form_optimum(tmp_path) -> None:
+def test_ridge_regression_converges_to_closed_form_optimum(make_trainer) -> None:
     xtr, ytr, xv, yv = _ridge_problem()
     # exact sweep: w(λ) = (XᵀX/n + λI)⁻¹ Xᵀy/n, validation MSE on a fine grid of log λ
     a, b = xtr.double().T @ xtr.double() / len(ytr), xtr.double().T @ ytr.double() / len(ytr)
@@ -170,13 +158,12 @@ def test_ridge_regression_converges_to_closed_form_optimum(tmp_path) -> None:
         plot_schedule=False,
         warmup_steps=150,
         train_steps=1,
-        phi_optimizer="adam",
-        phi_lr=0.05,
-        hyper_lr=0.1,
-        sigma_lr=0.01,
+        phi_optimizer=adam(0.05),
+        hyper_optimizer=adam(0.1),
+        sigma_optimizer=adam(0.01),
         seed=1,
     )
-    _trainer(tmp_path, epochs=400, limit_val_batches=0).fit(module, train_dataloaders=loaders)
+    make_trainer(max_epochs=400, limit_val_batches=0).fit(module, train_dataloaders=loaders)
     found = module.space.unconstrained.item()  # log λ
     assert abs(found - best) < 0.25, f"STN log λ {found:.3f} vs closed-form optimum {best:.3f}"
     assert int(module.hyper_steps_done) == 250
@@ -186,22 +173,31 @@ def test_ridge_regression_converges_to_closed_form_optimum(tmp_path) -> None:
 def _digits_module() -> SelfTuningModule:
     net = StnMLP(in_features=64, hidden=(32,), num_classes=10)
     hps = [*net.default_hyperparameters(), Hyperparameter("indropout", 0.0, 1.0, init=0.1)]
-    return SelfTuningModule(net, hyperparameters=hps, warmup_epochs=1, phi_lr=0.05, hyper_lr=0.03, plot_schedule=False)
+    return SelfTuningModule(
+        net,
+        hyperparameters=hps,
+        warmup_epochs=1,
+        phi_optimizer=sgd(0.05),
+        hyper_optimizer=adam(0.03),
+        plot_schedule=False,
+    )
 
 
-def test_resume_mid_run_equals_uninterrupted_run(tmp_path) -> None:
+def test_resume_mid_run_equals_uninterrupted_run(make_trainer, tmp_path) -> None:
     dm = lambda: DigitsDataModule(batch_size=128, fractions=(0.5, 0.2, 0.3))  # noqa: E731
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     torch.manual_seed(0)
     full = _digits_module()
-    trainer = _trainer(tmp_path / "a", epochs=4, callbacks=[ckpt_cb], enable_checkpointing=True)
+    trainer = make_trainer(
+        max_epochs=4, callbacks=[ckpt_cb], enable_checkpointing=True, default_root_dir=tmp_path / "a"
+    )
     trainer.fit(full, datamodule=dm())
     mid = sorted((tmp_path / "ckpt").glob("epoch=1-*.ckpt"))
     assert mid, list((tmp_path / "ckpt").iterdir())
 
     torch.manual_seed(123)  # neither the global RNG nor a fresh initialisation may matter
     resumed = _digits_module()
-    trainer2 = _trainer(tmp_path / "b", epochs=4)
+    trainer2 = make_trainer(max_epochs=4, default_root_dir=tmp_path / "b")
     trainer2.fit(resumed, datamodule=dm(), ckpt_path=mid[0])
 
     for name in ("phi_steps", "hyper_steps_done", "warmup_phi_steps", "skipped_steps"):
@@ -219,11 +215,13 @@ def test_resume_mid_run_equals_uninterrupted_run(tmp_path) -> None:
                 torch.testing.assert_close(sb["state"][key][field], value, atol=1e-6, rtol=0)
     assert torch.equal(resumed.rng.get_state(), full.rng.get_state())
     assert resumed.schedule == full.schedule
+    assert len(trainer.optimizers) == len(trainer2.optimizers) == 3  # φ, λ, σ
+    assert trainer2.global_step == trainer.global_step
 
 
 # -- streams, schedule, validation ------------------------------------------------------------------------------------
 class TrainValOnly(pl.LightningDataModule):
-    """A user's DataModule with only train/val loaders: the val loader becomes the hyper stream."""
+    """A user's DataModule with only train/val loaders: wrapped, its val loader becomes the hyper stream."""
 
     def setup(self, stage: str) -> None:
         g = torch.Generator().manual_seed(0)
@@ -236,13 +234,13 @@ class TrainValOnly(pl.LightningDataModule):
         return DataLoader(TensorDataset(self.x[64:], self.y[64:]), batch_size=16)
 
 
-def test_small_cnn_with_train_val_datamodule_writes_schedule(tmp_path) -> None:
+def test_small_cnn_with_train_val_datamodule_writes_schedule(make_trainer, tmp_path) -> None:
     net = StnSmallCNN(image_size=16, filters=(4, 8, 8))
-    module = SelfTuningModule(net, warmup_steps=2, hyper_lr=0.05)
+    module = SelfTuningModule(net, warmup_steps=2, hyper_optimizer=adam(0.05))
     assert module.space.names == [h.name for h in net.default_hyperparameters()] and net.hdim == 11
     lam0 = module.space.values()
-    trainer = _trainer(tmp_path, epochs=2, logger=pl.loggers.CSVLogger(tmp_path))
-    trainer.fit(module, datamodule=TrainValOnly())
+    trainer = make_trainer(max_epochs=2, logger=pl.loggers.CSVLogger(tmp_path))
+    trainer.fit(module, datamodule=HyperStreamDataModule(TrainValOnly()))
     assert int(module.phi_steps) == 8 and int(module.hyper_steps_done) == 3
     assert module.space.values() != lam0
     log_dir = Path(trainer.log_dir)
@@ -254,12 +252,12 @@ def test_small_cnn_with_train_val_datamodule_writes_schedule(tmp_path) -> None:
     assert {"val/loss", "val/acc", "hparam/dropout0", "sigma/cutholes"} <= set(trainer.callback_metrics)
 
 
-def test_schedule_figure_goes_to_tensorboard(tmp_path) -> None:
+def test_schedule_figure_goes_to_tensorboard(make_trainer, tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     module = SelfTuningModule(StnMLP(hidden=(16,)), warmup_steps=2)
     logger = pl.loggers.TensorBoardLogger(tmp_path)
-    _trainer(tmp_path, limit_train_batches=6, limit_val_batches=1, logger=logger, log_every_n_steps=1).fit(
+    make_trainer(limit_train_batches=6, limit_val_batches=1, logger=logger, log_every_n_steps=1).fit(
         module, datamodule=DigitsDataModule(batch_size=32)
     )
     events = EventAccumulator(logger.log_dir)
@@ -305,7 +303,7 @@ def test_configuration_errors() -> None:
     assert subset.space.names == ["cutholes", "dropout1"] and subset.net.hdim == 2
 
 
-def test_nan_guard_on_the_hyper_loss(tmp_path) -> None:
+def test_nan_guard_on_the_hyper_loss(make_trainer) -> None:
     def poisoned() -> SelfTuningModule:
         module = _digits_module()
         module.warmup_epochs = 0
@@ -314,22 +312,24 @@ def test_nan_guard_on_the_hyper_loss(tmp_path) -> None:
         return module
 
     with pytest.raises(FloatingPointError, match="non-finite hyper"):
-        _trainer(tmp_path, limit_train_batches=3).fit(poisoned(), datamodule=DigitsDataModule(batch_size=64))
+        make_trainer(limit_train_batches=3).fit(poisoned(), datamodule=DigitsDataModule(batch_size=64))
     skipping = poisoned()
     skipping.nan_policy = "skip"
     lam0 = skipping.space.unconstrained.detach().clone()
     with pytest.warns(UserWarning, match="skipped"):
-        _trainer(tmp_path, limit_train_batches=4).fit(skipping, datamodule=DigitsDataModule(batch_size=64))
+        make_trainer(limit_train_batches=4).fit(skipping, datamodule=DigitsDataModule(batch_size=64))
     assert int(skipping.skipped_steps) == 2 and torch.equal(skipping.space.unconstrained.detach(), lam0)
 
 
-def test_converted_user_model_is_tunable(tmp_path) -> None:
+def test_converted_user_model_is_tunable(make_trainer) -> None:
     plain = torch.nn.Sequential(
         torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 10)
     )
-    module = SelfTuningModule(convert_to_stn(plain, dropout_hparams={"2": "drop"}), warmup_steps=2, hyper_lr=0.1)
+    module = SelfTuningModule(
+        convert_to_stn(plain, dropout_hparams={"2": "drop"}), warmup_steps=2, hyper_optimizer=adam(0.1)
+    )
     lam0 = module.space.unconstrained.detach().clone()
-    _trainer(tmp_path, limit_train_batches=6).fit(module, datamodule=DigitsDataModule(batch_size=32))
+    make_trainer(limit_train_batches=6).fit(module, datamodule=DigitsDataModule(batch_size=32))
     assert int(module.hyper_steps_done) == 2 and not torch.equal(module.space.unconstrained.detach(), lam0)
 
 
@@ -349,8 +349,9 @@ def test_quickstart_config_print_and_short_fit(tmp_path, capsys) -> None:
     args += ["--model.init_args.warmup_epochs", "1", "--trainer.default_root_dir", str(tmp_path)]
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Tuned hyperparameters: dropout0=" in proc.stdout
-    assert "Final validation loss:" in proc.stdout
+    out = proc.stdout + proc.stderr  # rank-zero messages go through Lightning's logger (stderr)
+    assert "Tuned hyperparameters: dropout0=" in out
+    assert "Final validation loss:" in out
     assert list(tmp_path.glob("lightning_logs/version_0/hparam_schedule.csv"))
 
 

@@ -18,9 +18,8 @@
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -170,21 +169,11 @@ class ResumableDataLoader(DataLoader):
         resume(epoch, skip * int(self.batch_size or 1))
 
 
-def _serving_hyper_stream(train_dataloader: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """A subclass's ``train_dataloader`` that adds the hyper stream when the model being fit asks for it."""
-
-    @functools.wraps(train_dataloader)
-    def combined(self: HyperlitDataModule) -> Any:
-        return self.with_hyper_stream(train_dataloader(self))
-
-    combined.serves_hyper_stream = True  # type: ignore[attr-defined]
-    return combined
-
-
 class HyperlitDataModule(pl.LightningDataModule):
     """Base class: data location, download flag and loader settings shared by all DataModules.
 
-    Every subclass's ``train_dataloader()`` serves ``{"train": ..., "hyper": ...}`` batches (``CombinedLoader``,
+    A subclass whose ``train_dataloader()`` returns ``self.with_hyper_stream(loader)`` (and sets
+    ``serves_hyper_stream = True``) serves ``{"train": ..., "hyper": ...}`` batches (``CombinedLoader``,
     ``max_size_cycle``; hyper stream: ``hyper_dataloader()``, else ``val_dataloader()``) when the model being fit
     trains hyperparameters on a held-out stream (its class attribute ``uses_hyper_stream``, see
     :mod:`hyperlit.streams`), and plain batches otherwise.
@@ -201,13 +190,9 @@ class HyperlitDataModule(pl.LightningDataModule):
     """
 
     #: the training loader serves the hyper stream to models with ``uses_hyper_stream`` (:mod:`hyperlit.streams`)
-    serves_hyper_stream: ClassVar[bool] = True
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        loader = vars(cls).get("train_dataloader")
-        if loader is not None and not getattr(loader, "serves_hyper_stream", False):
-            cls.train_dataloader = _serving_hyper_stream(loader)  # type: ignore[method-assign]
+    #: whether ``train_dataloader()`` passes its loader through :meth:`with_hyper_stream` (the CLI wraps
+    #: DataModules that do not in :class:`hyperlit.streams.HyperStreamDataModule`)
+    serves_hyper_stream: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -259,7 +244,7 @@ class HyperlitDataModule(pl.LightningDataModule):
     def with_hyper_stream(self, train: Any) -> Any:
         """``train`` combined with the hyper stream when the model being fit uses one, else ``train`` itself."""
         trainer = getattr(self, "trainer", None)
-        model = trainer.lightning_module if trainer is not None else None
+        model = getattr(trainer, "lightning_module", None)
         if isinstance(train, (CombinedLoader, Mapping)) or not getattr(model, "uses_hyper_stream", False):
             return train
         hyper = getattr(self, "hyper_dataloader", None)

@@ -169,6 +169,8 @@ class CIFAR10DataModule(HyperlitDataModule):
     num_classes = 10
     image_shape = (3, 32, 32)
 
+    serves_hyper_stream = True  # train_dataloader() goes through with_hyper_stream
+
     def __init__(
         self,
         partial: bool = False,
@@ -249,7 +251,7 @@ class CIFAR10DataModule(HyperlitDataModule):
         self.test_set = CIFAR10Images(torch.from_numpy(tx), torch.from_numpy(ty))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, drop_last=True)
+        return self.with_hyper_stream(self._loader(self.train_set, shuffle=True, drop_last=True))
 
     def hyper_dataloader(self) -> DataLoader:
         """Held-out stream for the λ-steps (shuffled; cycled by the tuning modules)."""

@@ -29,6 +29,8 @@ class DigitsDataModule(HyperlitDataModule):
 
     num_classes = 10
 
+    serves_hyper_stream = True  # train_dataloader() goes through with_hyper_stream
+
     def __init__(
         self, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), flatten: bool = True, **kwargs: Any
     ) -> None:
@@ -50,7 +52,7 @@ class DigitsDataModule(HyperlitDataModule):
         self.train_set, self.hyper_set, self.test_set = (TensorDataset(x[i], y[i]) for i in idx)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, drop_last=True)
+        return self.with_hyper_stream(self._loader(self.train_set, shuffle=True, drop_last=True))
 
     def hyper_dataloader(self) -> DataLoader:
         """Held-out stream for hyperparameter steps (shuffled, cycled by the tuning modules)."""

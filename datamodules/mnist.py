@@ -149,6 +149,8 @@ class MNISTDataModule(HyperlitDataModule):
 
     num_classes = 10
 
+    serves_hyper_stream = True  # train_dataloader() goes through with_hyper_stream
+
     def __init__(
         self,
         train_size: int | None = None,
@@ -201,7 +203,9 @@ class MNISTDataModule(HyperlitDataModule):
         self.test_set = TensorDataset(self._to_float(test_images), test_labels)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, batch_size=min(self.batch_size, len(self.train_set)))
+        return self.with_hyper_stream(
+            self._loader(self.train_set, shuffle=True, batch_size=min(self.batch_size, len(self.train_set)))
+        )
 
     def hyper_dataloader(self) -> DataLoader:
         """The validation split, shuffled, for hyperparameter steps."""

@@ -273,6 +273,8 @@ class PTBDataModule(HyperlitDataModule):
         pin_memory: Pin host memory.
     """
 
+    serves_hyper_stream = True  # train_dataloader() goes through with_hyper_stream
+
     def __init__(
         self,
         data_dir: str | None = None,
@@ -410,7 +412,7 @@ class PTBDataModule(HyperlitDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[BPTTBatch]:
-        return self._ordered_loader(self.train_set)
+        return self.with_hyper_stream(self._ordered_loader(self.train_set))
 
     def hyper_dataloader(self) -> DataLoader[BPTTBatch]:
         """The validation split as the hyperparameter-training stream (official ``hyperval_data``)."""

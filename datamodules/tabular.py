@@ -106,6 +106,8 @@ class TabularFairnessDataModule(HyperlitDataModule):
     numerical: ClassVar[tuple[str, ...]] = ()
     sensitive: ClassVar[str] = ""
 
+    serves_hyper_stream = True  # train_dataloader() goes through with_hyper_stream
+
     def __init__(
         self,
         fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
@@ -190,7 +192,7 @@ class TabularFairnessDataModule(HyperlitDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self.with_hyper_stream(self._loader(self.train_set, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

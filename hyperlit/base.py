@@ -268,6 +268,23 @@ class HyperlitModule(pl.LightningModule):
             raise RuntimeError(f"{type(self).__name__} has no {stage} metrics (configure_metrics returned None)")
         return metrics
 
+    def _reset_stage_metrics(self, stage: str) -> None:
+        # ``trainer.validate``/``test`` run (and reset metrics) under inference mode, which leaves inference tensors
+        # that the no-grad validation inside a later ``fit`` cannot update in place: reset in the loop's own mode
+        metrics = getattr(self, f"{stage}_metrics", None)
+        if metrics is not None:
+            metrics.reset()
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        """Reset the validation metrics (a subclass overriding this hook must call super)."""
+        self._reset_stage_metrics("val")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        """Reset the test metrics (a subclass overriding this hook must call super)."""
+        self._reset_stage_metrics("test")
+
     # -- logging -----------------------------------------------------------------------------------------------
     def should_log_step(self) -> bool:
         """Whether Lightning's logger writes on this training batch (every ``log_every_n_steps`` batches).

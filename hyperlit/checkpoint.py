@@ -1,4 +1,4 @@
-"""Checkpoint helpers: weights-only initialisation (``init_from``) with clear errors, and a checkpointed generator."""
+"""Checkpoint helpers: weights-only initialisation (``init_from``) and architecture checks with clear errors."""
 
 from __future__ import annotations
 
@@ -7,47 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["CheckpointMismatchError", "CheckpointedGenerator", "check_state_dict", "load_weights"]
+__all__ = ["CheckpointMismatchError", "check_state_dict", "load_weights"]
 
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint does not belong to this model (other class, other architecture or shapes)."""
-
-
-class CheckpointedGenerator:
-    """Mixin for LightningModules: ``self.rng``, one ``torch.Generator`` on the module's device for every random draw
-    (masks, perturbations, augmentation), seeded from :meth:`generator_seed` and restored from a checkpoint.
-
-    Save ``self.rng.get_state()`` in ``on_save_checkpoint`` and hand it to :meth:`restore_rng` in
-    ``on_load_checkpoint``; the generator is (re)built lazily on the module's current device.
-    """
-
-    _rng: torch.Generator | None = None
-    _rng_state: torch.Tensor | None = None
-
-    def generator_seed(self) -> int:
-        """Seed of a fresh generator (default ``self.seed``; override for e.g. per-rank streams)."""
-        return int(self.seed)  # type: ignore[attr-defined]
-
-    @property
-    def rng(self) -> torch.Generator:
-        """The module's generator on its device; its state is saved in checkpoints."""
-        device = self.device  # type: ignore[attr-defined]
-        if self._rng is None or self._rng.device != device:
-            gen = torch.Generator(device=device)
-            if self._rng_state is not None:
-                gen.set_state(self._rng_state)
-                self._rng_state = None
-            else:
-                gen.manual_seed(self.generator_seed())
-            self._rng = gen
-        return self._rng
-
-    def restore_rng(self, state: torch.Tensor | None) -> None:
-        """Continue from a saved generator state (``None``: keep the current generator)."""
-        if state is not None:
-            self._rng_state = state
-            self._rng = None
 
 
 def check_state_dict(

@@ -79,8 +79,9 @@ def final_state(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, An
     if getattr(module, "last_front", None) is not None:  # PHN: the front at the evaluation rays
         front = module.last_front
         state["front"] = {"losses": front.losses.clone(), "hv": front.hv, "uniformity": front.uniformity}
-    generators = {name: getattr(module, name, None) for name in ("_rng", "_reg_generator")}  # STN/BR ε, CL task subsets
-    state["generators"] = {k: g.get_state() for k, g in generators.items() if isinstance(g, torch.Generator)}
+    # the module's generator (STN/BR ε, dropout masks) and its named ones (CL's regularized task subsets)
+    generators = {"rng": module.rng, **{f"named/{k}": g for k, g in getattr(module, "_generators", {}).items()}}
+    state["generators"] = {k: g.get_state() for k, g in generators.items()}
     return state
 
 

@@ -41,7 +41,7 @@ def test_print_config_of_quickstart(capsys) -> None:
     assert info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"] == "hyperlit.tuning.SelfTuningModule"
-    assert config["data"]["class_path"] == "datamodules.digits.DigitsDataModule"
+    assert config["data"]["class_path"] == "datamodules.DigitsDataModule"
     assert config["trainer"]["max_epochs"] >= 1
 
 

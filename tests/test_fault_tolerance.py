@@ -14,6 +14,7 @@ best response and PHN are ``slow``.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -190,7 +191,14 @@ def test_loader_resumes_a_cycled_stream_modulo_its_length() -> None:
 
 def _stn() -> SelfTuningModule:
     net = StnMLP(in_features=64, hidden=(32,), num_classes=10)
-    return SelfTuningModule(net, warmup_epochs=1, phi_lr=0.05, hyper_lr=0.03, sigma_lr=0.03, plot_schedule=False)
+    return SelfTuningModule(
+        net,
+        warmup_epochs=1,
+        phi_optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        hyper_optimizer=functools.partial(torch.optim.Adam, lr=0.03),
+        sigma_optimizer=functools.partial(torch.optim.Adam, lr=0.03),
+        plot_schedule=False,
+    )
 
 
 def _stn_trainer(root: Path, **kwargs: Any) -> pl.Trainer:
@@ -303,7 +311,7 @@ def test_best_response_killed_resumes_from_epoch_end(tmp_path) -> None:
     config = {
         "seed_everything": 3,
         "model": {
-            "class_path": "hyperlit.tuning.best_response.BestResponseModule",
+            "class_path": "hyperlit.tuning.BestResponseModule",
             "init_args": {
                 "mode": "local",
                 "input_dim": 64,
@@ -312,9 +320,8 @@ def test_best_response_killed_resumes_from_epoch_end(tmp_path) -> None:
                 "hnet_hidden": [16],
                 "num_samples": 2,
                 "warmup_steps": 8,
-                "phi_optimizer": "adam",
-                "phi_lr": 0.003,
-                "hyper_lr": 0.01,
+                "phi_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.003}},
+                "hyper_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
             },
         },
         "data": {"class_path": "datamodules.digits.DigitsDataModule", "init_args": {"batch_size": 64}},
@@ -332,7 +339,8 @@ def test_pareto_killed_mid_epoch_resumes_exactly(tmp_path) -> None:
     """ParetoHyperNetModule (EPO) on fake UCI Adult, checkpoints every 3 steps, SIGKILL at a random batch."""
     write_fake_adult(tmp_path / "data", n_train=160, n_test=60)
     config = yaml.safe_load((ROOT / "examples" / "phn_adult.yaml").read_text())
-    config["model"]["init_args"].update(target_hidden=[8], hnet_hidden=[16], lr=0.001, test_ray_partitions=4)
+    config["model"]["init_args"].update(target_hidden=[8], hnet_hidden=[16], test_ray_partitions=4)
+    config["model"]["init_args"]["optimizer"] = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.001}}
     config["data"]["init_args"].update(data_dir=str(tmp_path / "data"), verify_row_counts=False, batch_size=16)
     ckpt = {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",

@@ -56,7 +56,7 @@ class Snapshot(pl.Callback):
             "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
             "optimizer_states": [len(opt.state) for opt in trainer.optimizers],
             "global_step": trainer.global_step,
-            "datamodule": type(trainer.datamodule).__name__,
+            "datamodule": type(getattr(trainer.datamodule, "datamodule", trainer.datamodule)).__name__,
         }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -70,7 +70,10 @@ def _pretrained_stn(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """A few STN steps on scikit-learn's digits, saved as a Lightning checkpoint."""
     torch.manual_seed(0)
     module = SelfTuningModule(
-        StnMLP(in_features=64, hidden=(32,), num_classes=10), warmup_steps=2, hyper_lr=0.1, plot_schedule=False
+        StnMLP(in_features=64, hidden=(32,), num_classes=10),
+        warmup_steps=2,
+        hyper_optimizer=lambda p: torch.optim.Adam(p, lr=0.1),
+        plot_schedule=False,
     )
     lam0 = module.space.unconstrained.detach().clone()
     trainer = pl.Trainer(
@@ -109,7 +112,7 @@ def test_stn_init_from_continues_on_a_users_datamodule(tmp_path: Path) -> None:
             "[32]",
             "--model.warmup_steps",
             "2",
-            "--model.hyper_lr",
+            "--model.hyper_optimizer.lr",
             "0.1",
             "--model.plot_schedule",
             "false",
@@ -144,7 +147,7 @@ def test_stn_init_from_continues_on_a_users_datamodule(tmp_path: Path) -> None:
     # ... but a new run: counters at zero, optimizers without state, Lightning's loops at step 0
     for name in COUNTERS:
         assert int(start["state_dict"][name]) == 0, name
-    assert start["optimizer_states"] == [0, 0] and start["global_step"] == 0
+    assert start["optimizer_states"] == [0, 0, 0] and start["global_step"] == 0
     # the new run trains on the new data with its own schedule: warm-up again (2 φ-steps), then 1 λ-step per 2 φ-steps
     assert int(end["state_dict"]["phi_steps"]) == 5 and int(end["state_dict"]["warmup_phi_steps"]) == 2
     assert int(end["state_dict"]["hyper_steps_done"]) == 1 and len(end["schedule"]) == 1
@@ -180,7 +183,7 @@ def test_phn_init_from_needs_the_built_architecture(tmp_path: Path) -> None:
 
     write_fake_adult(tmp_path, n_train=160, n_test=60)
     torch.manual_seed(0)
-    trained = ParetoHyperNetModule(solver="ls", lr=1e-3)
+    trained = ParetoHyperNetModule(solver="ls", optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     trainer = pl.Trainer(
         max_epochs=1,
         limit_train_batches=3,
@@ -198,9 +201,9 @@ def test_phn_init_from_needs_the_built_architecture(tmp_path: Path) -> None:
     trainer.save_checkpoint(ckpt)
 
     with pytest.raises(CheckpointMismatchError, match=r"shares no weights with ParetoHyperNetModule.*in_dim"):
-        load_weights(ParetoHyperNetModule(solver="ls", lr=1e-3), ckpt)
+        load_weights(ParetoHyperNetModule(solver="ls", optimizer=lambda p: torch.optim.Adam(p, lr=1e-3)), ckpt)
     torch.manual_seed(1)
-    fresh = ParetoHyperNetModule(solver="ls", lr=1e-3, in_dim=trained.in_dim)
+    fresh = ParetoHyperNetModule(solver="ls", in_dim=trained.in_dim)
     assert not torch.equal(fresh.hnet.head.weight, trained.hnet.head.weight)
     # weights copied; the counters are skipped on purpose (a fine-tuning run starts them afresh)
     assert load_weights(fresh, ckpt) == ["epo_fallbacks", "epo_solves", "ray_step"]

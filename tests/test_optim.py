@@ -52,7 +52,7 @@ def test_group_options_survive_and_an_explicit_choice_is_kept() -> None:
 
 
 def test_bad_factories_name_the_argument() -> None:
-    with pytest.raises(TypeError, match="phi_optimizer must build a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"phi_optimizer must build a torch\.optim\.Optimizer"):
         build_optimizer(lambda p: nn.Linear(2, 2), _params(), "phi_optimizer")
     with pytest.raises(ValueError, match="learning rate"):  # torch's own check, at construction
         build_optimizer(lambda p: torch.optim.Adam(p, lr=-1.0), _params(), "phi_optimizer")

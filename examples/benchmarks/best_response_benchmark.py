@@ -14,6 +14,7 @@ includes its phase 1 (fitting φ over p(λ)), which it needs before λ̂ moves a
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 import warnings
@@ -85,8 +86,8 @@ def run(mode: str, seed: int, **overrides: object) -> dict[str, float | None]:
         num_classes=1,
         loss="mse",
         init_log_penalty=-3.5,
-        phi_lr=1e-2,
-        hyper_lr=3e-2,
+        phi_optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+        hyper_optimizer=functools.partial(torch.optim.Adam, lr=3e-2),
         plot_schedule=False,
         seed=seed,
         **{**SETTINGS[mode], **overrides},

@@ -14,6 +14,10 @@ median over iterations is reported.
 * Layers (``--layers``, on by default): forward + backward of one ``StnLinear`` (1,024 → 1,024) and one
   ``StnConv2d`` (64 → 64, 3×3, 16×16 maps) with a per-example hypernet input (15 hyperparameters), against
   ``nn.Linear`` / ``nn.Conv2d`` of the same shape.
+* Optimizer (``--optimizer``, on by default): an STN φ-step (forward + backward + optimizer step of
+  ``StnAlexNet``) with the optimizer as ``torch.optim`` builds it by default (``foreach`` on CPU) against the same
+  optimizer built by :func:`hyperlit.optim.build_optimizer` (PyTorch's fused kernel), for Adam and SGD with
+  momentum; the optimizer step alone is timed too.
 * Augmentation = per-example colour jitter (brightness, contrast, saturation, hue) + cutout. Loop: one
   ``torchvision.transforms.ColorJitter`` built per image with that image's strengths, then the official cutout
   (numpy mask), as in the official ``CustomCIFAR10.__getitem__``.
@@ -35,6 +39,7 @@ from hyperlit.hparams import HyperparameterSpace
 from hyperlit.models.stn_cnn import AlexNetCNN, StnAlexNet, alexnet_hyperparameters
 from hyperlit.nn.augment import color_jitter, cutout
 from hyperlit.nn.stn import StnConv2d, StnLinear
+from hyperlit.optim import build_optimizer
 
 
 def _official_cutout(img: torch.Tensor, holes: int, length: int, rng: np.random.Generator) -> torch.Tensor:
@@ -133,6 +138,52 @@ def bench_step(batch: int, iters: int, width: float) -> tuple[float, float]:
     return statistics.median(t_plain), statistics.median(t_stn)
 
 
+def bench_optimizer(batch: int, iters: int, width: float) -> list[tuple[str, float, float, float, float]]:
+    """STN φ-step and optimizer step alone: torch's default implementation vs hyperlit's fused build, alternately."""
+    space = HyperparameterSpace(alexnet_hyperparameters())
+    hp_conv = [n for n in space.names if n.startswith(("dropout", "fcdropout"))]
+    x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    rows = []
+    factories = {
+        "Adam lr 1e-3": lambda p: torch.optim.Adam(p, lr=1e-3),
+        "SGD momentum 0.9": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9),
+    }
+    for name, factory in factories.items():
+        torch.manual_seed(0)
+        nets = [StnAlexNet(width=width).train() for _ in range(2)]
+        nets[1].load_state_dict(nets[0].state_dict())
+        opts = [factory(nets[0].parameters()), build_optimizer(factory, nets[1].parameters(), "phi_optimizer")]
+        assert opts[1].defaults["fused"] is True and opts[0].defaults["fused"] is None
+        gen = torch.Generator().manual_seed(0)
+        step_times: tuple[list[float], list[float]] = ([], [])
+        opt_times: tuple[list[float], list[float]] = ([], [])
+        for i in range(iters + 2):
+            for net, opt, steps, only in zip(nets, opts, step_times, opt_times):
+                with torch.no_grad():
+                    lam = space.perturb(batch, generator=gen)
+                    values = space.constrained(lam)
+                hp = {n: space.get(values, n) for n in hp_conv}
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x, lam, hp, generator=gen), y).backward()
+                t1 = time.perf_counter()
+                opt.step()
+                t2 = time.perf_counter()
+                if i >= 2:
+                    steps.append(t2 - t0)
+                    only.append(t2 - t1)
+        rows.append(
+            (
+                name,
+                statistics.median(step_times[0]),
+                statistics.median(opt_times[0]),
+                statistics.median(step_times[1]),
+                statistics.median(opt_times[1]),
+            )
+        )
+    return rows
+
+
 def bench_eval(batch: int, iters: int, width: float) -> tuple[float, float]:
     """Evaluation forward pass (no grad, eval mode) at one λ for the batch: STN layers fold W + diag(Vλ̃) W_h."""
     torch.manual_seed(0)
@@ -199,6 +250,12 @@ def main() -> None:
         )
     tp, ts = bench_step(args.batch, step_iters, args.width)
     print(f"training step  plain CNN {tp * 1e3:8.1f} ms   STN CNN {ts * 1e3:8.1f} ms   ratio STN/plain {ts / tp:.2f}x")
+    for name, td, od, tf, of in bench_optimizer(args.batch, step_iters, args.width):
+        print(
+            f"phi-step {name:<17} torch default {td * 1e3:8.1f} ms (step {od * 1e3:6.1f} ms)   "
+            f"hyperlit fused {tf * 1e3:8.1f} ms (step {of * 1e3:6.1f} ms)   "
+            f"optimizer share {od / td:.0%} -> {of / tf:.0%}, phi-step speed-up {td / tf:.2f}x"
+        )
     ep, es = bench_eval(args.batch, aug_iters, args.width)
     print(f"eval forward   plain CNN {ep * 1e3:8.1f} ms   STN CNN {es * 1e3:8.1f} ms   ratio STN/plain {es / ep:.2f}x")
     tl, tv = bench_augment(args.batch, aug_iters)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -129,6 +130,11 @@ def _trainer(**kwargs: Any) -> pl.Trainer:
     )
 
 
+def _sgd(lr: float) -> functools.partial:
+    """φ's optimizer for every method: SGD with momentum 0.9 (the STN's default)."""
+    return functools.partial(torch.optim.SGD, lr=lr, momentum=0.9)
+
+
 def _net(args: argparse.Namespace, seed: int) -> StnSmallCNN:
     torch.manual_seed(seed)
     return StnSmallCNN(filters=tuple(args.filters), image_size=args.image_size)
@@ -213,9 +219,9 @@ def run_stn(args: argparse.Namespace, data: dict, space: list[Hyperparameter], s
         hyperparameters=space,
         plot_schedule=False,
         warmup_epochs=args.stn_warmup_epochs,
-        hyper_lr=args.stn_hyper_lr,
-        sigma_lr=args.stn_hyper_lr,
-        phi_lr=args.lr,
+        phi_optimizer=_sgd(args.lr),
+        hyper_optimizer=functools.partial(torch.optim.Adam, lr=args.stn_hyper_lr),
+        sigma_optimizer=functools.partial(torch.optim.Adam, lr=args.stn_hyper_lr),
         seed=seed,
     )
     loaders = {
@@ -294,7 +300,11 @@ def run_search(
         cfg = {h.name: _suggest(trial, h) for h in space}
         k = n_done + n_late
         model = FixedHyperparameterModule(
-            _net(args, seed * 1000 + k), values=cfg, hyperparameters=space, phi_lr=args.lr, seed=seed * 1000 + k
+            _net(args, seed * 1000 + k),
+            values=cfg,
+            hyperparameters=space,
+            optimizer=_sgd(args.lr),
+            seed=seed * 1000 + k,
         )
         trainer = _trainer(max_epochs=args.trial_epochs, check_val_every_n_epoch=args.trial_epochs)
         trainer.fit(
@@ -340,7 +350,7 @@ def run_controls(
         for name, kwargs in (("final values fixed", {"values": stn["values"]}), ("schedule replayed", replay)):
             clock = _Clock()
             model = FixedHyperparameterModule(
-                _net(args, seed), hyperparameters=space, phi_lr=args.lr, seed=seed, **kwargs
+                _net(args, seed), hyperparameters=space, optimizer=_sgd(args.lr), seed=seed, **kwargs
             )
             _trainer(max_steps=stn["phi_steps"], limit_val_batches=0).fit(
                 model, train_dataloaders=_loader(*data["train"], args.batch_size, True, seed)

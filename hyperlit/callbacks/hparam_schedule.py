@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 __all__ = ["HyperparameterSchedule", "plot_schedule", "schedule_columns"]
 
@@ -82,6 +83,7 @@ class HyperparameterSchedule(Callback):
     def _rows(pl_module: pl.LightningModule) -> list[dict[str, float]]:
         return list(getattr(pl_module, "schedule", []) or [])
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self.every_n_epochs == 0:
             return
@@ -97,6 +99,7 @@ class HyperparameterSchedule(Callback):
             return
         experiment.add_figure("hparam_schedule", fig, global_step=trainer.current_epoch)  # type: ignore[union-attr]
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank calls it; None without a logger
         if not trainer.is_global_zero or trainer.logger is None or not log_dir:

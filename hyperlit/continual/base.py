@@ -207,10 +207,6 @@ class ContinualModule(HyperlitModule):
             scores.update(self.task_outputs(x, torch.tensor([task], device=x.device))[0], y, task)
 
     @override
-    def on_validation_epoch_start(self) -> None:
-        self._scores("val").reset()
-
-    @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, self.task + 1, self._scores("val"))
 
@@ -241,10 +237,6 @@ class ContinualModule(HyperlitModule):
     def extra_validation_metrics(self) -> dict[str, Tensor]:
         """Additional values logged after each validation (e.g. the hypernetwork's weight drift)."""
         return {}
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        self._scores("test").reset()
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -253,10 +253,6 @@ class ParetoModuleBase(HyperlitModule):
         return front
 
     @override
-    def on_validation_epoch_start(self) -> None:
-        self._stage_front("val").reset()
-
-    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
             self._eval_step(batch, self._stage_front("val"))
@@ -264,10 +260,6 @@ class ParetoModuleBase(HyperlitModule):
     @override
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        self._stage_front("test").reset()
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:

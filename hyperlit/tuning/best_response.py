@@ -47,7 +47,6 @@ from hyperlit.models.mlp import MLP
 from hyperlit.nn.functional import batched_call, materialize
 from hyperlit.nn.hypernet import HyperNetwork, target_shapes
 from hyperlit.nn.penalties import expand_strengths, weighted_l2
-from hyperlit.tuning._factories import drop_factory_hparams
 from hyperlit.tuning.bilevel import BilevelModule
 
 __all__ = ["BestResponseModule"]
@@ -256,7 +255,6 @@ class BestResponseModule(BilevelModule):
         self.penalty_name = entries[0].name
         self.num_classes = classes  # of the default MLP target (the accuracy's; None: not known)
         self.save_hyperparameters(ignore=["target"])
-        drop_factory_hparams(self)  # Python callables would not load with weights_only
 
     # -- sampling (hooks of the loop) -----------------------------------------------------------------
     @override

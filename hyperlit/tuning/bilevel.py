@@ -45,7 +45,6 @@ from typing_extensions import override
 from hyperlit.base import HyperlitModule
 from hyperlit.hparams import Hyperparameter, HyperparameterSpace
 from hyperlit.streams import split_streams
-from hyperlit.tuning._factories import picklable_factory
 from hyperlit.tuning.metrics import weighted_mean
 
 __all__ = ["BilevelModule"]
@@ -130,10 +129,10 @@ class BilevelModule(HyperlitModule):
         self.warmup_steps = warmup_steps
         self.entropy_weight = entropy_weight
         self.tune_sigma = tune_sigma
-        self.phi_optimizer = picklable_factory(self, phi_optimizer)
-        self.hyper_optimizer = picklable_factory(self, hyper_optimizer)
-        self.sigma_optimizer = picklable_factory(self, sigma_optimizer)
-        self.phi_lr_scheduler = picklable_factory(self, phi_lr_scheduler)
+        self.phi_optimizer = phi_optimizer
+        self.hyper_optimizer = hyper_optimizer
+        self.sigma_optimizer = sigma_optimizer
+        self.phi_lr_scheduler = phi_lr_scheduler
         self.grad_clip = grad_clip
         self.nan_policy = nan_policy
 

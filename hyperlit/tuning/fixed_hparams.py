@@ -47,7 +47,6 @@ from typing_extensions import override
 from hyperlit.base import HyperlitModule
 from hyperlit.hparams import Hyperparameter
 from hyperlit.nn.stn import StnConv2d, StnLinear, StnNet
-from hyperlit.tuning._factories import drop_factory_hparams, picklable_factory
 from hyperlit.tuning.metrics import weighted_mean
 from hyperlit.tuning.schedule_replay import ReplaySchedule, load_schedule
 
@@ -202,12 +201,11 @@ class FixedHyperparameterModule(HyperlitModule):
         self.replay = replay
         self.net = plain_twin(net) if plain else net
         self.plain = plain
-        self.optimizer = picklable_factory(self, optimizer)
-        self.lr_scheduler = picklable_factory(self, lr_scheduler)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
         self.grad_clip = grad_clip
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.save_hyperparameters(ignore=["net", "schedule"])
-        drop_factory_hparams(self)  # Python callables would not load with weights_only
 
     @staticmethod
     def _check(h: Hyperparameter, value: float) -> float:

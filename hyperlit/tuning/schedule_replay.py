@@ -36,7 +36,6 @@ from typing_extensions import override
 
 from hyperlit.base import HyperlitModule
 from hyperlit.models.stn_lstm_lm import LM_HPARAMS, LMOutput, StnLSTMLanguageModel, lm_training_loss
-from hyperlit.tuning._factories import drop_factory_hparams, picklable_factory
 from hyperlit.tuning.stn_lm import LanguageModelEvaluation, unpack_window
 
 __all__ = ["LSTMLanguageModelModule", "ReplaySchedule", "load_schedule"]
@@ -171,7 +170,6 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, HyperlitModule):
         if not lr_decay > 1:
             raise ValueError(f"lr_decay must be > 1, got {lr_decay}")
         self.save_hyperparameters()
-        drop_factory_hparams(self)  # Python callables would not load with weights_only
         self.values = {**_DEFAULTS, **{k: float(v) for k, v in (values or {}).items()}}
         for name in ("dropouto", "dropouti", "dropouth", "dropoute", "wdrop"):
             if not 0 <= self.values[name] < 1:
@@ -181,8 +179,8 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, HyperlitModule):
                 raise ValueError(f"{name} must be >= 0, got {self.values[name]}")
         self.schedule = load_schedule(schedule) if schedule is not None else None
         self.replay = replay
-        self.optimizer = picklable_factory(self, optimizer)
-        self.lr_scheduler = picklable_factory(self, lr_scheduler)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
         self.grad_clip = grad_clip
         self.nonmono = nonmono
         self.lr_decay = lr_decay

@@ -31,7 +31,6 @@ from typing_extensions import override
 
 from hyperlit.hparams import Hyperparameter
 from hyperlit.nn.stn import StnNet
-from hyperlit.tuning._factories import drop_factory_hparams
 from hyperlit.tuning.bilevel import BilevelModule
 
 __all__ = ["SelfTuningModule", "resolve_hyperparameters"]
@@ -109,7 +108,6 @@ class SelfTuningModule(BilevelModule):
         self.loss_name = loss
         self.plot_schedule = plot_schedule
         self.save_hyperparameters(ignore=["net"])
-        drop_factory_hparams(self)  # Python callables would not load with weights_only
 
     # -- helpers ----------------------------------------------------------------------------------------
     def hparam_dict(self, unconstrained: Tensor) -> dict[str, Tensor]:

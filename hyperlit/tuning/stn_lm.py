@@ -49,7 +49,6 @@ from hyperlit.models.stn_lstm_lm import (
     lm_hyperparameters,
     lm_training_loss,
 )
-from hyperlit.tuning._factories import drop_factory_hparams
 from hyperlit.tuning.metrics import weighted_mean
 from hyperlit.tuning.stn import SelfTuningModule
 
@@ -114,11 +113,9 @@ class LanguageModelEvaluation:
         self._update_eval(batch, "test")
 
     def _epoch_loss(self, stage: str) -> Tensor:
-        """Token-weighted mean cross-entropy of the epoch's windows over every rank (then reset for the next)."""
-        metric = self.stage_metrics(stage)["loss"]  # type: ignore[attr-defined]
-        loss = metric.compute()
-        metric.reset()
-        return loss
+        """Token-weighted mean cross-entropy of the epoch's windows over every rank (the base resets the metric when
+        the next epoch starts)."""
+        return self.stage_metrics(stage)["loss"].compute()  # type: ignore[attr-defined]
 
     def _log_epoch(self, stage: str, loss: Tensor, prog_bar: bool) -> None:
         # the value is already the whole split's on every rank: the mean over ranks leaves it as it is
@@ -272,7 +269,6 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
         for key in [k for k in self.hparams if k not in own]:
             del self.hparams[key]
         self.save_hyperparameters()
-        drop_factory_hparams(self)  # Python callables would not load with weights_only
         self.nonmono = nonmono
         self.lr_decay = lr_decay
         self._init_evaluation()

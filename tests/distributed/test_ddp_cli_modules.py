@@ -113,7 +113,7 @@ def test_cli_ddp_stn_language_model(tmp_path: Path) -> None:
         },
     }
     data = {
-        "class_path": "datamodules.ptb.PTBDataModule",
+        "class_path": "datamodules.PTBDataModule",
         "init_args": {
             "data_dir": str(root),
             "cache_dir": str(tmp_path / "hf"),
@@ -147,12 +147,12 @@ def test_cli_ddp_pareto_hypernetwork(tmp_path: Path) -> None:
             "solver": "epo",
             "target_hidden": [8],
             "hnet_hidden": [16],
-            "lr": 1e-3,
+            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
             "test_ray_partitions": 4,
         },
     }
     data = {
-        "class_path": "datamodules.tabular.AdultDataModule",
+        "class_path": "datamodules.AdultDataModule",
         "init_args": {"data_dir": str(tmp_path / "data"), "verify_row_counts": False, "batch_size": 32},
     }
     ckpt_dir = _fit(tmp_path, model, data)
@@ -184,7 +184,7 @@ def test_cli_ddp_best_response(tmp_path: Path) -> None:
         },
     }
     data = {
-        "class_path": "datamodules.mnist.MNISTDataModule",
+        "class_path": "datamodules.MNISTDataModule",
         "init_args": {"data_dir": str(tmp_path / "data"), "train_size": 40, "val_size": 40, "batch_size": 10},
     }
     ckpt_dir = _fit(tmp_path, model, data)
@@ -200,7 +200,7 @@ def test_cli_ddp_best_response(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_ddp_continual(tmp_path: Path) -> None:
     model = {
-        "class_path": "hyperlit.continual.module.HyperContinualModule",
+        "class_path": "hyperlit.continual.HyperContinualModule",
         "init_args": {
             "num_tasks": 2,
             "input_dim": 1,
@@ -210,11 +210,12 @@ def test_cli_ddp_continual(tmp_path: Path) -> None:
             "hnet_hidden": [8],
             "emb_dim": 2,
             "beta": 0.05,
-            "lr": 0.01,
+            "hnet_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
+            "emb_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
         },
     }
     data = {
-        "class_path": "datamodules.regression1d.Regression1DDataModule",
+        "class_path": "datamodules.Regression1DDataModule",
         "init_args": {"num_tasks": 2, "num_train": 32, "num_test": 10, "batch_size": 4, "steps_per_task": 6},
     }
     # the task sampler shards every global batch itself (Lightning's sampler would reshuffle it)

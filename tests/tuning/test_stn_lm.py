@@ -137,6 +137,17 @@ def test_validation_perplexity_is_token_weighted_with_carried_state(fake_root: P
     assert result["val/ppl"] == pytest.approx(math.exp(result["val/loss"]), rel=1e-5)
 
 
+def test_validate_then_fit(fake_root: Path, tmp_path: Path) -> None:
+    """The token-weighted metric survives ``validate`` (inference mode) followed by ``fit`` (no-grad validation)."""
+    dm = _dm(fake_root, tmp_path)
+    model = _small_stn(warmup_epochs=0, warmup_steps=2)
+    trainer = _trainer(tmp_path, limit_train_batches=4, limit_val_batches=2)
+    (start,) = trainer.validate(model, datamodule=dm, verbose=False)
+    trainer.fit(model, datamodule=dm)
+    assert float(trainer.callback_metrics["val/loss"]) != start["val/loss"]
+    assert model.val_history == [pytest.approx(float(trainer.callback_metrics["val/loss"]))]
+
+
 def test_checkpoint_round_trip(fake_root: Path, tmp_path: Path) -> None:
     dm = _dm(fake_root, tmp_path)
     model = _small_stn(warmup_epochs=0, warmup_steps=2, tune=["dropouto", "wdrop"])
@@ -251,7 +262,7 @@ def test_configs_parse(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(EXAMPLES / config), "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["data"]["class_path"] == "datamodules.ptb.PTBDataModule"
+    assert cfg["data"]["class_path"] == "datamodules.PTBDataModule"
     assert cfg["model"]["init_args"]["vocab_size"] == 10000
 
 

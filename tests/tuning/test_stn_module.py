@@ -321,6 +321,18 @@ def test_nan_guard_on_the_hyper_loss(make_trainer) -> None:
     assert int(skipping.skipped_steps) == 2 and torch.equal(skipping.space.unconstrained.detach(), lam0)
 
 
+def test_validate_then_fit_with_the_same_metrics(make_trainer) -> None:
+    """``trainer.validate`` (inference mode) before ``fit`` (no-grad validation): the torchmetrics states are reset
+    in each loop's own mode, so the second loop can update them; the epoch value is the whole split's."""
+    module = SelfTuningModule(StnMLP(hidden=(8,)), warmup_steps=1, plot_schedule=False)
+    trainer = make_trainer(limit_train_batches=3, limit_val_batches=2)
+    (before,) = trainer.validate(module, datamodule=DigitsDataModule(batch_size=32), verbose=False)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    (after,) = trainer.validate(module, datamodule=DigitsDataModule(batch_size=32), verbose=False)
+    assert after["val/loss"] == pytest.approx(float(trainer.callback_metrics["val/loss"]))
+    assert after["val/loss"] != before["val/loss"] and 0 <= after["val/acc"] <= 1
+
+
 def test_converted_user_model_is_tunable(make_trainer) -> None:
     plain = torch.nn.Sequential(
         torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 10)
@@ -343,7 +355,7 @@ def test_quickstart_config_print_and_short_fit(tmp_path, capsys) -> None:
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["class_path"] == "hyperlit.tuning.SelfTuningModule"
     assert cfg["model"]["init_args"]["net"]["class_path"] == "hyperlit.models.stn_cnn.StnMLP"
-    assert cfg["data"]["class_path"] == "datamodules.digits.DigitsDataModule"
+    assert cfg["data"]["class_path"] == "datamodules.DigitsDataModule"
     args = [sys.executable, "-m", "hyperlit", "fit", "--config", config, "--trainer.max_epochs", "2"]
     args += ["--trainer.limit_train_batches", "4", "--trainer.enable_progress_bar", "false"]
     args += ["--model.init_args.warmup_epochs", "1", "--trainer.default_root_dir", str(tmp_path)]

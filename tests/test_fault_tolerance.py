@@ -324,7 +324,7 @@ def test_best_response_killed_resumes_from_epoch_end(tmp_path) -> None:
                 "hyper_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
             },
         },
-        "data": {"class_path": "datamodules.digits.DigitsDataModule", "init_args": {"batch_size": 64}},
+        "data": {"class_path": "datamodules.DigitsDataModule", "init_args": {"batch_size": 64}},
         "trainer": {"max_epochs": 3, "logger": False, "num_sanity_val_steps": 0, "log_every_n_steps": 4},
     }
     _default_checkpointing(config)

@@ -107,7 +107,7 @@ def test_stn_init_from_continues_on_a_users_datamodule(tmp_path: Path) -> None:
             "--model",
             "hyperlit.tuning.SelfTuningModule",
             "--model.net",
-            "hyperlit.models.stn_cnn.StnMLP",
+            "hyperlit.models.StnMLP",
             "--model.net.init_args.hidden",
             "[32]",
             "--model.warmup_steps",

@@ -1,1 +1,7 @@
 """Target architectures of the papers (plain and STN variants)."""
+
+from hyperlit.models.mlp import MLP
+from hyperlit.models.stn_cnn import AlexNetCNN, StnAlexNet, StnMLP, StnSmallCNN
+from hyperlit.models.stn_lstm_lm import StnLSTMLanguageModel
+
+__all__ = ["MLP", "AlexNetCNN", "StnAlexNet", "StnLSTMLanguageModel", "StnMLP", "StnSmallCNN"]

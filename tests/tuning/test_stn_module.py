@@ -354,7 +354,7 @@ def test_quickstart_config_print_and_short_fit(tmp_path, capsys) -> None:
         main(["fit", "--config", config, "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["class_path"] == "hyperlit.tuning.SelfTuningModule"
-    assert cfg["model"]["init_args"]["net"]["class_path"] == "hyperlit.models.stn_cnn.StnMLP"
+    assert cfg["model"]["init_args"]["net"]["class_path"] == "hyperlit.models.StnMLP"
     assert cfg["data"]["class_path"] == "datamodules.DigitsDataModule"
     args = [sys.executable, "-m", "hyperlit", "fit", "--config", config, "--trainer.max_epochs", "2"]
     args += ["--trainer.limit_train_batches", "4", "--trainer.enable_progress_bar", "false"]

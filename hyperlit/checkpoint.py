@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CheckpointMismatchError", "check_state_dict", "load_weights"]
+__all__ = ["CheckpointMismatchError", "check_state_dict", "load_weights", "read_checkpoint"]
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -79,3 +81,34 @@ def load_weights(model: nn.Module, path: str | Path, strict_shapes: bool = True)
         )
     model.load_state_dict(load, strict=False)
     return sorted(set(own) - set(load)) + sorted(set(theirs) - set(own))
+
+
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
+
+
+def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, Any]:
+    """The contents of the Lightning checkpoint ``path`` (tensors on the CPU), read as ``LightningCLI`` reads it.
+
+    Raises :class:`CheckpointMismatchError` saying ``PATH is not a Lightning checkpoint`` for a file that
+    ``torch.load`` cannot read (a YAML config, a text file, a truncated write) or that holds no ``state_dict``,
+    instead of an unpickling trace; ``FileNotFoundError`` when there is no such file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    hint = " (a configuration file? give it with --config)" if path.suffix.lower() in _CONFIG_SUFFIXES else ""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        if zipfile.is_zipfile(path):  # a torch file, but with objects a weights-only load refuses
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise CheckpointMismatchError(
+                f"{path} is a torch file that torch.load(weights_only={weights_only}) cannot read: {reason}"
+            ) from err
+        raise CheckpointMismatchError(
+            f"{path} is not a Lightning checkpoint: torch.load cannot read it{hint}; give a .ckpt file written by "
+            "Lightning (hyperlit fit writes them to lightning_logs/version_N/checkpoints)"
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointMismatchError(f"{path} is not a Lightning checkpoint (no 'state_dict'){hint}")
+    return ckpt

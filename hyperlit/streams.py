@@ -17,6 +17,10 @@ Where the hyper stream comes from:
 3. a DataModule whose ``train_dataloader()`` already returns such a dict / ``CombinedLoader`` (used as is), or
    ``trainer.fit(model, train_dataloaders={"train": ..., "hyper": ...})`` with plain loaders.
 
+A hyper stream without batches (an empty hyper/validation split, or fewer held-out examples than one batch with
+``drop_last=True``) would end every epoch at once (``max_size_cycle`` cannot cycle it); the tuning modules refuse it
+at fit start (:meth:`hyperlit.tuning.bilevel.BilevelModule.check_hyper_stream`).
+
 Exact mid-epoch resume of both streams is the DataModule's (see :mod:`datamodules.base`): the wrapper hands
 ``state_dict``/``load_state_dict`` and the batch-transfer hooks to the DataModule it wraps.
 """

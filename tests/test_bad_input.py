@@ -225,3 +225,93 @@ def test_init_from_missing_or_foreign_file(tmp_path: Path) -> None:
     holder.layer = torch.nn.Linear(2, 2)
     with pytest.raises(CheckpointMismatchError, match=r"shares no weights with Module \(only \['warmup_phi_steps'\]\)"):
         load_weights(holder, _saved(tmp_path, _stn(), "stn"))
+
+
+# -- the hyper stream and the warm-up (checked at fit start) ----------------------------------------------------------
+EMPTY_HYPER = r"the hyper stream \(the held-out batches of the λ-steps\) has no batches"
+
+
+@pytest.mark.parametrize(
+    ("fractions", "examples"), [((1.0, 0.0, 0.0), 0), ((0.98, 0.01, 0.01), 18)], ids=["zero-fraction", "under-a-batch"]
+)
+def test_empty_hyper_split_raises_before_the_first_step(tmp_path: Path, fractions, examples: int) -> None:
+    module = _stn()
+    message = (
+        EMPTY_HYPER + rf" \({examples} held-out examples, batch_size=32, drop_last=True\), so SelfTuningModule could "
+        r"never tune its hyperparameters: give the hyper/validation split at least one full batch \(e\.g\. a non-zero "
+        r"hyper/validation fraction in the DataModule's `fractions`, or a smaller batch_size\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path).fit(module, datamodule=DigitsDataModule(batch_size=32, fractions=fractions))
+    assert int(module.phi_steps) == 0
+
+
+def test_empty_hyper_split_through_the_cli(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=EMPTY_HYPER + r" \(0 held-out examples"):
+        main(_cli_args(tmp_path, "--data.init_args.fractions", "[1.0, 0.0, 0.0]"))
+
+
+def test_empty_hyper_loader_passed_to_fit_raises(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.randn(32, 64), torch.randint(0, 10, (32,)))
+    empty = DataLoader(TensorDataset(torch.randn(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=8)
+    loaders = {"train": DataLoader(data, batch_size=8), "hyper": empty}
+    with pytest.raises(ValueError, match=EMPTY_HYPER + r" \(0 held-out examples, batch_size=8, drop_last=False\)"):
+        _trainer(tmp_path).fit(_stn(), train_dataloaders=loaders)
+
+
+NEVER_MOVES = "the warm-up lasts the whole run, so λ never moves (no λ-step is taken)"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs", "message"),
+    [
+        (
+            {"warmup_epochs": 2},
+            {"max_epochs": 2},
+            f"warmup_epochs=2 >= the Trainer's max_epochs=2: {NEVER_MOVES}; lower warmup_epochs or raise max_epochs",
+        ),
+        (
+            {"warmup_steps": 5},
+            {"max_steps": 3},
+            f"warmup_steps=5 >= the Trainer's max_steps=3: {NEVER_MOVES}; lower warmup_steps or raise max_steps",
+        ),
+        (
+            {"warmup_steps": 4},
+            {},
+            f"warmup_steps=4 >= the run's 4 training batches (max_epochs=1 × 4 per epoch): {NEVER_MOVES}; "
+            "lower warmup_steps or train for more batches",
+        ),
+    ],
+    ids=["epochs", "max-steps", "batches"],
+)
+def test_warmup_as_long_as_the_run_warns(tmp_path: Path, kwargs, trainer_kwargs, message: str) -> None:
+    module = _stn(**kwargs)
+    trainer_kwargs = {"max_epochs": 1, **trainer_kwargs}
+    trainer = pl.Trainer(
+        limit_train_batches=4,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        **trainer_kwargs,
+    )
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert int(module.hyper_steps_done) == 0
+
+
+def test_warmup_shorter_than_the_run_does_not_warn(tmp_path: Path) -> None:
+    import warnings
+
+    module = _stn(warmup_steps=3, train_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, steps=4).fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert not [w for w in caught if "never moves" in str(w.message)]
+    assert int(module.hyper_steps_done) == 1

@@ -233,3 +233,125 @@ def test_use_atomic_checkpoint_io_replaces_only_lightnings_default(tmp_path) -> 
     mine = TorchCheckpointIO()
     other = pl.Trainer(default_root_dir=tmp_path, logger=False, plugins=[mine])
     assert not use_atomic_checkpoint_io(other, [mine]) and other.strategy.checkpoint_io is mine
+
+
+# -- --ckpt_path is checked before anything is built ------------------------------------------------------------------
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+_QUIET = [
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
+
+
+@pytest.fixture(scope="module")
+def quickstart_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real ``hyperlit fit`` checkpoint of the quickstart's SelfTuningModule (4 training batches)."""
+    from hyperlit.cli import main
+
+    root = tmp_path_factory.mktemp("quickstart_fit")
+    main(
+        [
+            "fit", "--config", str(QUICKSTART), "--model.plot_schedule", "false", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_checkpointing", "true", "--trainer.default_root_dir", str(root), *_QUIET,
+        ]
+    )  # fmt: skip
+    path = root / "checkpoints" / "last.ckpt"
+    assert path.is_file()
+    return path
+
+
+def _test_cli(tmp_path: Path, config: Path, ckpt_path: str, *args: str) -> HyperlitCLI:
+    return HyperlitCLI(
+        args=[
+            "test", "--config", str(config), "--ckpt_path", ckpt_path, "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.limit_test_batches", "1", *_QUIET, *args,
+        ]
+    )  # fmt: skip
+
+
+def test_ckpt_path_of_the_configured_module_is_tested(tmp_path: Path, quickstart_ckpt: Path) -> None:
+    cli = _test_cli(tmp_path, QUICKSTART, str(quickstart_ckpt))
+    assert type(cli.model).__name__ == "SelfTuningModule"
+    assert "test/loss" in cli.trainer.callback_metrics
+
+
+def test_ckpt_path_of_another_module_names_both_classes(tmp_path: Path, quickstart_ckpt: Path, capsys) -> None:
+    """Lightning would re-read the checkpoint's hyperparameters and swap the model class; the CLI refuses first."""
+    from hyperlit.checkpoint import CheckpointMismatchError
+    from hyperlit.cli import main
+
+    phn = ROOT / "examples" / "phn_default.yaml"
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"was written by SelfTuningModule \(hyperlit\.tuning\.SelfTuningModule\), but the configured model is "
+        r"ParetoHyperNetModule \(hyperlit\.pareto\.ParetoHyperNetModule\): use the configuration of the run",
+    ):
+        _test_cli(tmp_path, phn, str(quickstart_ckpt))
+    with pytest.raises(SystemExit) as info:
+        main(["test", "--config", str(phn), "--ckpt_path", str(quickstart_ckpt)], short_errors=True)
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 5 and err[-1].startswith("error: CheckpointMismatchError: --ckpt_path ")
+    assert "but the configured model is ParetoHyperNetModule" in err[-1]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("yaml", r"quickstart\.yaml is not a Lightning checkpoint: torch\.load cannot read it \(a configuration file\? "
+         r"give it with --config\)"),
+        ("no_state_dict", r"x\.ckpt is not a Lightning checkpoint \(no 'state_dict'\)"),
+        ("plain_lightning", r"x\.ckpt was not written by a hyperlit module \(no 'hyperlit' entry\), so the configured "
+         r"model SelfTuningModule \(hyperlit\.tuning\.SelfTuningModule\) cannot load it"),
+    ],
+)  # fmt: skip
+def test_ckpt_path_that_is_no_hyperlit_checkpoint(tmp_path: Path, content: str, message: str) -> None:
+    from hyperlit.checkpoint import CheckpointMismatchError
+
+    if content == "yaml":
+        path = tmp_path / "quickstart.yaml"
+        shutil.copy(QUICKSTART, path)
+    else:
+        path = tmp_path / "x.ckpt"
+        torch.save({"epoch": 1} if content == "no_state_dict" else {"state_dict": {}, "epoch": 1}, path)
+    with pytest.raises(CheckpointMismatchError, match=message):
+        _test_cli(tmp_path, QUICKSTART, str(path))
+
+
+def test_ckpt_path_best_needs_the_same_process(tmp_path: Path, capsys) -> None:
+    from hyperlit.cli import ConfigurationError, main
+
+    message = (
+        r"--ckpt_path best names the best checkpoint of a `fit` run earlier in the same Python process, but "
+        r"`hyperlit test` is a fresh process: give the checkpoint file instead"
+    )
+    with pytest.raises(ConfigurationError, match=message):
+        _test_cli(tmp_path, ROOT / "examples" / "stn_ptb.yaml", "best")
+    with pytest.raises(SystemExit) as info:
+        main(["test", "--config", str(ROOT / "examples" / "stn_ptb.yaml"), "--ckpt_path", "best"], short_errors=True)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --ckpt_path best names the best")
+
+
+def test_ckpt_path_missing_file_and_last_without_checkpoint(tmp_path: Path) -> None:
+    from hyperlit.cli import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"--ckpt_path \S*nope\.ckpt does not exist: give a checkpoint file"):
+        _test_cli(tmp_path, QUICKSTART, str(tmp_path / "nope.ckpt"))
+    # ``test --ckpt_path last`` with no last.ckpt anywhere would test untrained weights: refused
+    with pytest.raises(ConfigurationError, match=r"--ckpt_path last: no last\.ckpt under .*; give the checkpoint file"):
+        _test_cli(tmp_path, QUICKSTART, "last")
+
+
+def test_test_ckpt_path_last_finds_the_fit_runs_last_checkpoint(tmp_path: Path, quickstart_ckpt: Path) -> None:
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    shutil.copy(quickstart_ckpt, root / "checkpoints" / "last.ckpt")
+    cli = _test_cli(root, QUICKSTART, "last")
+    assert cli.config_init["test"]["ckpt_path"] == str(root / "checkpoints" / "last.ckpt")
+    assert "test/loss" in cli.trainer.callback_metrics

@@ -163,3 +163,52 @@ def test_fit_with_another_optimizer_and_a_plain_datamodule(tmp_path) -> None:
         isinstance(phi, torch.optim.AdamW) and isinstance(lam, torch.optim.Adam) and isinstance(sigma, torch.optim.Adam)
     )
     assert Record.seen["hyper_steps"] == 1  # 4 batches: 2 warm-up φ-steps, then T_train=2 : T_val=1
+
+
+# -- short error output: the message last, a hint, a non-zero exit code ------------------------------------------------
+def _short_error(capsys: pytest.CaptureFixture[str], code: int, *args: str) -> list[str]:
+    with pytest.raises(SystemExit) as info:
+        main(list(args), short_errors=True)
+    assert info.value.code == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert 2 <= len(lines) <= 5, lines
+    assert "HYPERLIT_TRACEBACK=1" in lines[0]
+    return lines
+
+
+def test_bad_argument_value_is_a_short_error(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("HYPERLIT_TRACEBACK", raising=False)
+    lines = _short_error(capsys, 2, "fit", "--config", str(QUICKSTART), "--trainer.max_epochs", "many")
+    assert lines[0].startswith("hyperlit fit failed (`hyperlit fit --help` lists the options;")
+    assert lines[-1].startswith("error: ") and "many" in lines[-1]
+    assert any("trainer.max_epochs" in line for line in lines)
+
+
+def test_module_constructor_error_names_the_class(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("HYPERLIT_TRACEBACK", raising=False)
+    lines = _short_error(capsys, 2, "fit", "--config", str(QUICKSTART), "--model.train_steps", "-1")
+    assert lines[-1] == "error: SelfTuningModule: need train_steps >= 0 and hyper_steps >= 1, got -1, 1"
+
+
+def test_missing_data_directory_is_a_short_error(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("HYPERLIT_TRACEBACK", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lines = _short_error(
+        capsys, 1, "fit", "--config", str(QUICKSTART), "--model.init_args.net.init_args.in_features", "784",
+        "--data", "datamodules.mnist.MNISTDataModule", "--data.data_dir", str(empty), "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+    )  # fmt: skip
+    assert lines[0] == "hyperlit fit failed (HYPERLIT_TRACEBACK=1 shows the full trace)"
+    assert lines[-2].startswith(f"error: DatasetNotFoundError: MNIST not found in {empty} (missing: ")
+    assert "train-images-idx3-ubyte.gz" in lines[-2]
+    assert "download=True" in lines[-1]
+
+
+def test_hyperlit_traceback_lets_the_full_error_through(monkeypatch) -> None:
+    monkeypatch.setenv("HYPERLIT_TRACEBACK", "1")
+    with pytest.raises(SystemExit) as info:  # jsonargparse's own usage + error output
+        main(["fit", "--config", str(QUICKSTART), "--trainer.max_epochs", "many"], short_errors=True)
+    assert info.value.code == 2
+    with pytest.raises(ValueError, match=r"need train_steps >= 0"):
+        main(["fit", "--config", str(QUICKSTART), "--model.train_steps", "-1"], short_errors=True)

@@ -1,7 +1,7 @@
 """Save and plot the hyperparameter schedule of a tuning run (STN Fig. 4-style trajectories).
 
 :class:`~hyperlit.tuning.bilevel.BilevelModule` records one row per λ-step in ``pl_module.schedule`` (constrained
-value and σ of every hyperparameter, plus the step counters). This callback
+value and σ — the perturbation std on the unconstrained scale — of every hyperparameter, plus the step counters). This callback
 
 * draws the trajectories into TensorBoard (``add_figure``) after every ``every_n_epochs`` validation epochs and at
   the end of training when the logger supports figures, and
@@ -36,7 +36,8 @@ def schedule_columns(rows: Sequence[dict[str, float]]) -> list[str]:
 
 
 def plot_schedule(rows: Sequence[dict[str, float]], path: str | Path | None = None) -> Any:
-    """One panel per hyperparameter: constrained value against the λ-step (σ of the last step in the title).
+    """One panel per hyperparameter: constrained value against the λ-step (in the title: σ of the last step, the
+    perturbation std on the unconstrained scale).
 
     Returns the ``matplotlib.figure.Figure``; saves it as PNG when ``path`` is given.
     """
@@ -53,8 +54,15 @@ def plot_schedule(rows: Sequence[dict[str, float]], path: str | Path | None = No
         ax = fig.add_subplot(nrow, ncol, k + 1)
         ax.plot(steps, [row.get(col, math.nan) for row in rows], lw=1.2)
         base = col.removesuffix("_mean")
-        sigma = rows[-1].get(f"sigma_{base}", rows[-1].get(f"sigma_{base}_mean"))
-        ax.set_title(base + (f"  (σ={sigma:.3g})" if sigma is not None else ""), fontsize=9)
+        last = rows[-1]
+        keys = (
+            f"sigma_unconstrained_{base}",
+            f"sigma_unconstrained_{base}_mean",
+            f"sigma_{base}",
+            f"sigma_{base}_mean",
+        )
+        sigma = next((last[k] for k in keys if k in last), None)  # (sigma_<name>: schedules of older versions)
+        ax.set_title(base + (f"  (σ unconstr.={sigma:.3g})" if sigma is not None else ""), fontsize=9)
         ax.set_xlabel("λ-step", fontsize=8)
         ax.tick_params(labelsize=7)
     if path is not None:

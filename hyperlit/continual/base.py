@@ -9,6 +9,22 @@ end-of-epoch validation then evaluates every task seen so far, which fills row i
 after the last epoch of task i. Tasks must arrive in order 0, 1, 2, …; a skipped or repeated-earlier task, or an
 id outside ``0 .. num_tasks − 1``, raises.
 
+**The task protocol: what a DataModule must provide** (:class:`datamodules.task_sequence.TaskSequenceDataModule`
+does all of it; :meth:`ContinualModule.on_fit_start` and the first training step check it):
+
+* ``num_tasks`` (equal to the module's) and ``num_schedule_epochs``, the epochs of the whole sequence (the module
+  stops training after them); optionally ``task_type``, ``classes_per_task`` and ``input_dim``, checked against
+  the module's;
+* **a task schedule**: every training epoch serves batches of one task, tasks in order 0, 1, 2, …, each for one or
+  more consecutive epochs (``epochs_per_task``). A task starting in the middle of an epoch raises — such a loader
+  would train the whole sequence in one epoch and fill only the last row of R;
+* batches ``(x, y, task)`` or dicts ``{"x", "y", "task"}``, one task per batch (``task`` an ``int`` or a tensor of
+  equal ids);
+* validation/test loaders that tag their batches the same way (one loader per task: ``dataloader_idx`` = task).
+
+A plain DataModule (no ``num_tasks``/``num_schedule_epochs``, or ``(x, y)`` batches) is refused with a message
+saying so at fit start or at the first step.
+
 **Evaluation** accumulates a :class:`~hyperlit.continual.scores.TaskScores` metric (sums per task, reduced over
 DDP ranks by torchmetrics) and, at the end of the epoch, every rank writes the synced scores into R and logs
 ``val/acc_task_j`` (``val/mse_task_j``), ``val/acc_mean_seen``, the inferred-task scores and the ``cl/*`` summary
@@ -116,9 +132,21 @@ class ContinualModule(HyperlitModule):
     @staticmethod
     def _unpack(batch: Any) -> tuple[Tensor, Tensor, int]:
         if isinstance(batch, dict):
+            missing = [k for k in ("x", "y", "task") if k not in batch]
+            if missing:
+                raise ValueError(
+                    f"a continual batch is a dict with keys 'x', 'y', 'task' (or a tuple (x, y, task)); this one has "
+                    f"keys {sorted(batch)} and lacks {missing}: serve the task id of every batch"
+                )
             x, y, task = batch["x"], batch["y"], batch["task"]
-        else:
+        elif isinstance(batch, (tuple, list)) and len(batch) == 3:
             x, y, task = batch
+        else:
+            what = f"a {type(batch).__name__} of {len(batch)} items" if isinstance(batch, (tuple, list)) else type(batch)
+            raise ValueError(
+                f"a continual batch is (x, y, task) or a dict with keys 'x', 'y', 'task'; got {what}: serve the task "
+                "id of every batch (a datamodules.TaskSequenceDataModule does)"
+            )
         if isinstance(task, Tensor):
             if task.numel() > 1 and not bool((task == task.flatten()[0]).all()):
                 raise ValueError("a batch must hold examples of a single task")
@@ -152,18 +180,31 @@ class ContinualModule(HyperlitModule):
         self._reset_optimizer_state()
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
+    def datamodule_dims(self) -> dict[str, str]:
+        """Hyperparameter name → DataModule attribute that must agree when both are set (checked at fit start)."""
+        return {"input_dim": "input_dim", "output_dim": "classes_per_task"}
+
     @override
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        n = getattr(dm, "num_tasks", None)
-        if n is not None and n != self.num_tasks:
+        missing = [a for a in ("num_tasks", "num_schedule_epochs") if getattr(dm, a, None) is None]
+        if missing:
+            got = f"a {type(dm).__name__} without {' and '.join(f'`{a}`' for a in missing)}" if dm else "no DataModule"
+            raise ValueError(
+                f"{type(self).__name__} trains a task sequence, but fit got {got}. Give it a continual DataModule "
+                "(e.g. a datamodules.TaskSequenceDataModule): `num_tasks`, `num_schedule_epochs` (the epochs of the "
+                "task schedule, one task after another) and batches (x, y, task) or {'x', 'y', 'task'}; see "
+                "hyperlit.continual.base"
+            )
+        n = dm.num_tasks
+        if n != self.num_tasks:
             raise ValueError(
                 f"the DataModule has num_tasks={n} but the module was built for num_tasks={self.num_tasks}"
             )
         kind = getattr(dm, "task_type", None)
         if kind is not None and kind != self.task_type:
             raise ValueError(f"the DataModule serves {kind} tasks but the module's task_type is {self.task_type!r}")
-        for ours, theirs in (("input_dim", "input_dim"), ("output_dim", "classes_per_task")):
+        for ours, theirs in self.datamodule_dims().items():
             a, b = self.hparams.get(ours), getattr(dm, theirs, None)
             if a is not None and b is not None and a != b:
                 raise ValueError(f"the module's {ours}={a} does not match the DataModule's {theirs}={b}")
@@ -171,6 +212,13 @@ class ContinualModule(HyperlitModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y, task = self._unpack(batch)
+        if task != self.task and batch_idx > 0:
+            raise ValueError(
+                f"task {task} started at batch {batch_idx} of epoch {self.current_epoch} (after task {self.task}): "
+                "a continual DataModule serves one task per epoch (task e // epochs_per_task in epoch e), so that the "
+                "validation after each task fills its row of the accuracy matrix; this training loader changes task "
+                "inside an epoch"
+            )
         self.start_task(task)
         logs = self.train_on_batch(x, y, task)
         loss = logs["loss"].detach()

@@ -26,6 +26,25 @@ Heads (task identity given):
   (the official PermutedMNIST code; the regularizer covers all heads, as there).
 * ``separate`` — the output layer is an ordinary parameter (``num_tasks · output_dim`` outputs, task t's slice is
   its head), not generated; only the hidden layers come from the hypernetwork.
+
+**Target network.** Without ``target`` the module builds an MLP from ``input_dim``/``hidden``/``activation``. Any
+``nn.Module`` can be given instead (``target=MyCNN()``; ``input_dim``, ``hidden`` and ``activation`` are then
+unused); it is run functionally (``torch.func.functional_call``) and:
+
+* **every parameter of it is generated** per task (convolutions, linear layers, the affine weight and bias of
+  normalisation layers), except the output head with ``heads="separate"``; its own parameters are only a template
+  and never change;
+* **normalisation statistics are kept per task.** The running mean/variance (and batch count) of every
+  BatchNorm/InstanceNorm layer with ``track_running_stats=True`` are buffers, not generated: the module keeps one
+  copy per task (``task_norm_stats``, checkpointed), updated while that task trains and used when it is evaluated,
+  as hypnettorch does — one task's statistics would be wrong for another task's generated weights. The target's own
+  buffers stay as they were. Layers built with ``track_running_stats=False`` use batch statistics throughout;
+* **heads**: ``generated`` needs the target to return ``output_dim`` outputs per example; ``multihead`` and
+  ``separate`` need its last layer with parameters (in registration order) to be an ``nn.Linear``: one with
+  ``output_dim`` outputs is replaced by one with ``num_tasks · output_dim`` outputs (one slice per task), one that
+  already has ``num_tasks · output_dim`` outputs is kept;
+* it is not saved in the hyperparameters: give it again to ``load_from_checkpoint(path, target=MyCNN())``; the
+  checkpoint records its parameter shapes, and a checkpoint of another architecture is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +53,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -56,6 +76,55 @@ from hyperlit.nn.hypernet import HyperNetwork
 __all__ = ["HyperContinualModule"]
 
 Heads = Literal["generated", "multihead", "separate"]
+NanPolicy = Literal["raise", "skip"]
+
+_NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _norm_stat_names(target: nn.Module) -> list[str]:
+    """Buffer names of the running statistics of every norm layer of ``target`` that tracks them."""
+    names = []
+    for prefix, mod in target.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+            for buf in _NORM_STATS:
+                if getattr(mod, buf, None) is not None:
+                    names.append(f"{prefix}.{buf}" if prefix else buf)
+    return names
+
+
+def _last_layer(target: nn.Module) -> tuple[str, nn.Module]:
+    """Name and module of the last leaf module (in registration order) that holds parameters."""
+    leaves = [
+        (n, m) for n, m in target.named_modules() if next(m.parameters(recurse=False), None) is not None
+    ]
+    if not leaves:
+        raise ValueError("the target network has no parameters to generate")
+    return leaves[-1]
+
+
+def _prepare_heads(target: nn.Module, heads: str, num_tasks: int, output_dim: int) -> str:
+    """Give a user target one output slice per task (``multihead``/``separate``); return its head's name."""
+    name, layer = _last_layer(target)
+    if heads == "generated":
+        return name
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(
+            f"heads={heads!r} needs a target whose last layer with parameters is an nn.Linear (one output slice per "
+            f"task); the target's last one is {name!r} ({type(layer).__name__}). Use heads='generated', or end the "
+            "target with an nn.Linear"
+        )
+    wide = num_tasks * output_dim
+    if layer.out_features == wide:
+        return name
+    if layer.out_features != output_dim:
+        raise ValueError(
+            f"heads={heads!r}: the target's last layer {name!r} has {layer.out_features} outputs; give it "
+            f"output_dim={output_dim} outputs (widened to num_tasks·output_dim={wide}) or {wide} outputs"
+        )
+    new = nn.Linear(layer.in_features, wide, bias=layer.bias is not None).to(layer.weight)
+    parent, _, child = name.rpartition(".")
+    setattr(target.get_submodule(parent) if parent else target, child, new)
+    return name
 
 
 class HyperContinualModule(ContinualModule):
@@ -93,6 +162,11 @@ class HyperContinualModule(ContinualModule):
         track_drift: Keep each task's generated weights at the end of its training (T·P floats) and log how far
             they drift afterwards.
         reg_seed: Seed of the generator that draws the regularized subset (same on every process).
+        nan_policy: On a non-finite loss (NaN/inf input features, divergence): ``raise`` a ``FloatingPointError``
+            naming the step and the task, or ``skip`` that step (no update, a warning, counted in
+            ``skipped_steps``). Every DDP rank takes the same decision.
+        target: The target network (any ``nn.Module``; see the module docstring); ``None``: the MLP built from
+            ``input_dim``, ``hidden`` and ``activation``.
     """
 
     def __init__(
@@ -124,11 +198,17 @@ class HyperContinualModule(ContinualModule):
         infer_task: bool = True,
         track_drift: bool = True,
         reg_seed: int = 0,
+        nan_policy: NanPolicy = "raise",
+        target: nn.Module | None = None,
     ) -> None:
         super().__init__(num_tasks=num_tasks, task_type=task_type, infer_task=infer_task)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["target"])
         if heads not in ("generated", "multihead", "separate"):
             raise ValueError(f"heads must be 'generated', 'multihead' or 'separate', got {heads!r}")
+        if nan_policy not in ("raise", "skip"):
+            raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
+        if target is not None and not isinstance(target, nn.Module):
+            raise TypeError(f"target must be an nn.Module (or None for the built-in MLP), got {type(target).__name__}")
         if lookahead not in ("none", "sgd", "adam"):
             raise ValueError(f"lookahead must be 'none', 'sgd' or 'adam', got {lookahead!r}")
         if beta < 0:
@@ -140,10 +220,25 @@ class HyperContinualModule(ContinualModule):
         self.hnet_optimizer = hnet_optimizer
         self.emb_optimizer = emb_optimizer
         self.output_dim = output_dim
+        self.nan_policy = nan_policy
         self.num_heads = 1 if heads == "generated" else num_tasks
-        self.target = MLP(input_dim, hidden, output_dim * self.num_heads, activation)
-        head_prefix = f"net.{len(self.target.net) - 1}"
-        self.head_names = [f"{head_prefix}.weight", f"{head_prefix}.bias"]
+        self.user_target = target is not None
+        if target is None:
+            target = MLP(input_dim, hidden, output_dim * self.num_heads, activation)
+        else:
+            lazy = [n for n, p in target.named_parameters() if nn.parameter.is_lazy(p)]
+            if lazy:
+                raise ValueError(
+                    f"the target has uninitialized (lazy) parameters {lazy}: run it once on an example batch "
+                    "before giving it to HyperContinualModule"
+                )
+            target.requires_grad_(True)  # every parameter is generated (but the separate heads)
+            _prepare_heads(target, heads, num_tasks, output_dim)
+        self.target = target
+        head_prefix = _last_layer(self.target)[0]
+        self.head_names = [
+            n for n, _ in self.target.named_parameters() if (n.startswith(head_prefix + ".") if head_prefix else "." not in n)
+        ]
         self.hnet = HyperNetwork(
             self.target,
             cond_dim=emb_dim,
@@ -151,13 +246,23 @@ class HyperContinualModule(ContinualModule):
             activation=hnet_activation,  # type: ignore[arg-type]
             chunk_size=chunk_size,
             chunk_emb_dim=chunk_emb_dim,
-            exclude=(head_prefix,) if heads == "separate" else (),
+            exclude=tuple(self.head_names) if heads == "separate" else (),
             out_init_std=hnet_out_init_std,
             init_bias_from_target=init_bias_from_target,
         )
         # generated tensors are not trained as ordinary parameters (and must not look unused to DDP)
         for name, p in self.target.named_parameters():
             p.requires_grad_(name not in self.hnet.shapes)
+        # running statistics of norm layers: one copy per task (T, *shape), read and updated through views
+        self.norm_stat_names = _norm_stat_names(self.target)
+        self.task_norm_stats = nn.Module()
+        buffers = dict(self.target.named_buffers())
+        for name in self.norm_stat_names:
+            stat = buffers[name].detach()
+            self.task_norm_stats.register_buffer(
+                name.replace(".", "__"), stat.unsqueeze(0).repeat(num_tasks, *([1] * stat.dim())).clone()
+            )
+        self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
         self.task_embeddings = nn.Parameter(torch.randn(num_tasks, emb_dim) * emb_init_std)
         p_gen = self.hnet.num_target_params
         self.register_buffer("reg_targets", torch.zeros(0, p_gen))  # stored targets, grows to (T−1, P)
@@ -197,8 +302,24 @@ class HyperContinualModule(ContinualModule):
         """Flat generated target weights (K, P) for task ids (K,)."""
         return self.hnet.flat(self.task_embeddings[tasks])
 
+    def _norm_stats(self, tasks: int | Tensor) -> dict[str, Tensor]:
+        """Norm statistics of ``tasks``: views for one task (training updates them in place), (K, …) for K tasks."""
+        return {n: getattr(self.task_norm_stats, n.replace(".", "__"))[tasks] for n in self.norm_stat_names}
+
+    def _check_outputs(self, out: Any) -> Tensor:
+        want = self.num_heads * self.output_dim
+        if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[-1] != want:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"the target network returns {shape}; heads={self.hparams.heads!r} needs {want} outputs per example "
+                f"(num_heads={self.num_heads} × output_dim={self.output_dim}): set output_dim to the outputs per task "
+                "or change the target's last layer"
+            )
+        return out
+
     def _select_head(self, out: Tensor, tasks: Tensor) -> Tensor:
         """(K, B, H·C) outputs → (K, B, C) outputs of each row's task head."""
+        self._check_outputs(out)
         if self.num_heads == 1:
             return out
         k, b = out.shape[:2]
@@ -209,14 +330,14 @@ class HyperContinualModule(ContinualModule):
     def task_outputs(self, x: Tensor, tasks: Tensor) -> Tensor:
         tasks = tasks.to(self.task_embeddings.device)
         weights = self.hnet.unflatten(self.generated_weights(tasks))
-        return self._select_head(batched_call(self.target, weights, x), tasks)
+        return self._select_head(batched_call(self.target, {**weights, **self._norm_stats(tasks)}, x), tasks)
 
     @override
     def forward(self, x: Tensor, task: int) -> Tensor:
-        """Outputs (B, C) of the target network with the weights generated for ``task``."""
+        """Outputs (B, C) of the target network with the weights (and norm statistics) of ``task``."""
         self._check_task_id(task)
         weights = self.hnet(self.task_embeddings[task])
-        out = call_with_weights(self.target, weights, x)
+        out = self._check_outputs(call_with_weights(self.target, {**weights, **self._norm_stats(task)}, x))
         if self.num_heads == 1:
             return out
         return out.reshape(len(out), self.num_heads, self.output_dim)[:, task]
@@ -267,22 +388,53 @@ class HyperContinualModule(ContinualModule):
             raise RuntimeError(f"stored targets cover {len(self.reg_targets)} tasks, need {task}")
         return regularization_loss(self.hnet, emb, targets=self.reg_targets[ids], delta=named_delta)
 
+    def _finite_or_handle(self, value: Tensor, what: str, x: Tensor, task: int) -> bool:
+        """Whether ``value`` is finite on every rank; if not, raise or (``nan_policy='skip'``) warn and count."""
+        if self.all_ranks(torch.isfinite(value).all()):
+            return True
+        cause = (
+            "the batch's input features contain NaN/inf"
+            if not bool(torch.isfinite(x).all())
+            else "the inputs are finite (diverging training? lower the learning rate or set grad_clip)"
+        )
+        msg = (
+            f"non-finite {what} {value.detach().cpu().tolist()} at training step {int(self.total_steps)} "
+            f"(batch {int(self.step_in_task)} of task {task}, epoch {self.current_epoch}): {cause}"
+        )
+        if self.nan_policy == "raise":
+            raise FloatingPointError(msg + "; pass nan_policy='skip' to skip such steps")
+        rank_zero_warn(msg + " — step skipped (nan_policy='skip')")
+        self.skipped_steps += 1
+        return False
+
     @override
     def train_on_batch(self, x: Tensor, y: Tensor, task: int) -> dict[str, Tensor]:
         hp = self.hparams
         opt_hnet, opt_emb = self.optimizer_list()
         opt_hnet.zero_grad()
         opt_emb.zero_grad()
+        saved = None
+        if self.nan_policy == "skip" and self.norm_stat_names:  # a skipped step must not leave NaN statistics
+            saved = {n: s.clone() for n, s in self._norm_stats(task).items()}
         loss_task = self.task_loss(self(x, task), y)
         logs = {"loss": loss_task, "loss_task": loss_task}
+        if not self._finite_or_handle(loss_task, "task loss", x, task):
+            self._restore_norm_stats(task, saved)
+            return logs
         if hp.beta > 0 and task > 0:
             if hp.lookahead == "none":
                 reg = self.regularizer(task)
+                if not self._finite_or_handle(reg, "regularizer", x, task):
+                    self._restore_norm_stats(task, saved)
+                    return logs
                 self.manual_backward(loss_task + hp.beta * reg)
             else:  # Δθ from the task gradient alone (detached), then the regularizer at θ + Δθ
                 self.manual_backward(loss_task)
                 delta = lookahead_delta(opt_hnet.optimizer, list(self.hnet.parameters()), hp.lookahead)
                 reg = self.regularizer(task, delta)
+                if not self._finite_or_handle(reg, "regularizer", x, task):
+                    self._restore_norm_stats(task, saved)
+                    return logs
                 self.manual_backward(hp.beta * reg)
             logs["reg"] = reg.detach()
             logs["loss"] = loss_task.detach() + hp.beta * reg.detach()
@@ -294,6 +446,12 @@ class HyperContinualModule(ContinualModule):
         opt_hnet.step()
         opt_emb.step()
         return logs
+
+    @torch.no_grad()
+    def _restore_norm_stats(self, task: int, saved: dict[str, Tensor] | None) -> None:
+        if saved is not None:
+            for name, stat in self._norm_stats(task).items():
+                stat.copy_(saved[name])
 
     # -- metrics & checkpointing ---------------------------------------------------------------------------------
     def weight_drift(self) -> Tensor:
@@ -316,7 +474,8 @@ class HyperContinualModule(ContinualModule):
 
     @override
     def checkpoint_identity(self) -> dict[str, Any]:
-        return {**super().checkpoint_identity(), "heads": self.hparams.heads}
+        shapes = {n: list(p.shape) for n, p in self.target.named_parameters()}
+        return {**super().checkpoint_identity(), "heads": self.hparams.heads, "target": shapes}
 
     @override
     def prepare_state_dict(self, checkpoint: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from typing_extensions import override
 from hyperlit.nn import materialize, target_shapes
 from hyperlit.pareto.metrics import evaluation_rays, validate_ray
 from hyperlit.pareto.module import ParetoModuleBase, _batch_inputs
+from hyperlit.pareto.objectives import ObjectiveSet, resolve_objectives
 from hyperlit.pareto.solvers import objective_gradients
 
 __all__ = ["ParetoBaselineModule", "default_baseline_rays"]
@@ -66,12 +67,14 @@ class ParetoBaselineModule(ParetoModuleBase):
         gradient_clip_val: Gradient-norm clipping (``None``: off).
         ref_point: Hypervolume reference point (default all ones).
         eval_metric: ``hard`` or ``relaxed`` evaluation losses.
+        nan_policy: On NaN/inf input features or training losses: ``raise`` (``FloatingPointError`` at that step)
+            or ``skip`` the step on every rank (counted in ``skipped_steps``).
         seed: Seed of the R models' initialisations (model k uses ``seed + k``).
     """
 
     def __init__(
         self,
-        objectives: tuple[str, ...] = ("bce", "fpr_gap", "fnr_gap"),
+        objectives: tuple[str, ...] | ObjectiveSet = ("bce", "fpr_gap", "fnr_gap"),
         solver: Literal["ls", "epo"] = "ls",
         rays: list[list[float]] | None = None,
         num_rays: int = 10,
@@ -85,11 +88,13 @@ class ParetoBaselineModule(ParetoModuleBase):
         gradient_clip_val: float | None = None,
         ref_point: tuple[float, ...] | None = None,
         eval_metric: Literal["hard", "relaxed"] = "hard",
+        nan_policy: Literal["raise", "skip"] = "raise",
         seed: int = 0,
     ) -> None:
         super().__init__(seed=seed)
         self.save_hyperparameters(ignore=["target"] if isinstance(target, nn.Module) else [])
-        m = len(tuple(objectives))
+        objective_set = resolve_objectives(objectives)
+        m = objective_set.num_objectives
         ray_t = (
             torch.stack([validate_ray(r, m) for r in rays]) if rays is not None else default_baseline_rays(m, num_rays)
         )
@@ -98,7 +103,7 @@ class ParetoBaselineModule(ParetoModuleBase):
         self.register_buffer("_rays", ray_t, persistent=False)
         self.weights: nn.Parameter | None = None
         self._init_common(
-            objectives,
+            objective_set,
             solver,
             epo_eps,
             target,
@@ -110,6 +115,7 @@ class ParetoBaselineModule(ParetoModuleBase):
             gradient_clip_val,
             ref_point,
             eval_metric,
+            nan_policy,
         )
 
     @property
@@ -172,19 +178,22 @@ class ParetoBaselineModule(ParetoModuleBase):
         return self.all_reduce_for_epo(losses, grads)
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         """Model k descends its own LS or EPO loss at r_k (the losses are summed, so the gradients never mix)."""
         self._require_built()
         x = _batch_inputs(batch)
         outputs = self._outputs(self.eval_weights(), x)
         losses = self.objective_set.losses(outputs, batch)  # (R, m)
+        if not self._check_step(batch, batch_idx, losses, self._rays):
+            return None
         out = self.solver(losses, self._rays, self._epo_gradients)
         out.loss = out.loss * self.num_models  # a sum over models: each model gets exactly its own gradient
         self._apply_step(out, losses, x.shape[0])
         return out.loss.detach()
 
     @override
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """(R, B, …) predictions of all R models."""
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """``{"rays": (R, m), "predictions": (R, B, …)}``: the predictions of all R models at their rays."""
         with torch.no_grad():
-            return self.objective_set.predict(self._outputs(self.eval_weights(), _batch_inputs(batch)))
+            preds = self.objective_set.predict(self._outputs(self.eval_weights(), _batch_inputs(batch)))
+        return {"rays": self.front_rays.detach().cpu().clone(), "predictions": preds}

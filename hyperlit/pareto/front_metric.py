@@ -31,7 +31,8 @@ class FrontStatistics(Metric):
     ``update(outputs, batch)`` takes the target outputs (R, B, …) of the R weight sets evaluated at ``rays`` and
     the batch they were computed on; ``compute()`` returns a :class:`~hyperlit.pareto.metrics.FrontEvaluation`
     (losses (R, m), hypervolume at ``ref_point``, uniformity ``1 − mean_k μ_{r_k}(ℓ_k)`` — Mahapatra & Rajan 2020,
-    eq. 3 — and the mean loss of each objective over the rays).
+    eq. 3 — and the mean of each evaluation value over the rays, named by the objective set's ``eval_names(hard)``,
+    e.g. ``err_0`` for a hard multi-task error rate).
 
     Args:
         objective_set: The m objectives and their additive statistics.
@@ -74,14 +75,42 @@ class FrontStatistics(Metric):
         return len(self.rays)
 
     @override
-    def update(self, outputs: Tensor, batch: Sequence[Tensor]) -> None:
+    def update(self, outputs: Tensor, batch: Sequence[Any]) -> None:
         """Add the statistics of one batch: ``outputs`` (R, B, …) of the R weight sets on ``batch``'s inputs."""
         if outputs.shape[0] != self.num_rays:
             raise ValueError(f"outputs have {outputs.shape[0]} weight sets, the front has {self.num_rays} rays")
-        self.stats += self.objective_set.statistics(outputs, batch).to(self.stats)
+        stats = self.objective_set.statistics(outputs, batch)
+        if tuple(stats.shape) != tuple(self.stats.shape):
+            raise ValueError(
+                f"{type(self.objective_set).__name__}.statistics returned shape {tuple(stats.shape)}; it must be "
+                f"(R, num_statistics) = {tuple(self.stats.shape)}: one row of additive statistics per weight set"
+            )
+        self.stats += stats.to(self.stats)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Names of the evaluation values (``err_0``, … for hard multi-task errors; see ``eval_names``)."""
+        return tuple(self.objective_set.eval_names(self.hard))
 
     @override
     def compute(self) -> FrontEvaluation:
-        """The front on everything seen (on every rank: the states were summed over ranks first)."""
+        """The front on everything seen (on every rank: the states were summed over ranks first).
+
+        Raises ``FloatingPointError`` naming the rays whose evaluation values are NaN/inf.
+        """
         losses = self.objective_set.from_statistics(self.stats, hard=self.hard)
-        return evaluate_front(losses, self.rays, self.ref_point, self.objective_set.names)
+        m = self.objective_set.num_objectives
+        if tuple(losses.shape) != (self.num_rays, m):
+            raise ValueError(
+                f"{type(self.objective_set).__name__}.from_statistics returned shape {tuple(losses.shape)}; it must "
+                f"be (R, m) = ({self.num_rays}, {m})"
+            )
+        bad = ~torch.isfinite(losses).all(-1)
+        if bad.any():
+            k = int(bad.nonzero()[0, 0])
+            raise FloatingPointError(
+                f"non-finite evaluation values at {int(bad.sum())} of {self.num_rays} rays (first: ray "
+                f"{self.rays[k].tolist()}, {dict(zip(self.names, losses[k].tolist()))}): the network's outputs are "
+                "NaN/inf — it diverged; lower the learning rate or set gradient_clip_val"
+            )
+        return evaluate_front(losses, self.rays, self.ref_point, self.names)

@@ -5,12 +5,22 @@ runs functionally with them (``torch.func``). Each training step draws K rays ``
 linear scalarization (PHN-LS) or the EPO-weighted loss (PHN-EPO) of the m objectives, see
 :mod:`hyperlit.pareto.solvers`. Validation evaluates the whole front at fixed test rays with
 :class:`~hyperlit.pareto.front_metric.FrontStatistics` (summed over DDP ranks) and logs ``val/hv`` (hypervolume,
-minimization, reference point ``ref_point``), ``val/uniformity`` and ``val/<objective>_mean``; configure
+minimization, reference point ``ref_point``), ``val/uniformity`` and ``val/<name>_mean`` (named by
+``objective_set.eval_names``: ``bce``, ``fpr_gap``, …; ``err_0`` for a hard multi-task error rate); configure
 ``ModelCheckpoint(monitor="val/hv", mode="max")`` to keep the best-validation-HV model (the examples do).
+
+Objectives: built-in names or any :class:`~hyperlit.pareto.objectives.ObjectiveSet` (its docstring gives the batch
+contract). Every training step checks its batch (``check_batch``: e.g. fairness labels and groups in {0, 1}) and
+that inputs and losses are finite, all ranks agreeing: a bad batch raises at the step, with ``nan_policy="skip"``
+non-finite steps are skipped (counted in ``skipped_steps``).
 
 Optimizers (fixed order): ``[optimizer(hypernetwork φ)]`` (default ``Adam(lr=1e-4)``), with an optional
 ``lr_scheduler`` stepped once per epoch. Own counters (persistent buffers): ``ray_step`` (rays are drawn from a
-generator seeded by ``(seed, ray_step)``, identical on all DDP ranks), ``epo_fallbacks``, ``epo_solves``.
+generator seeded by ``(seed, ray_step)``, identical on all DDP ranks), ``epo_fallbacks``, ``epo_solves``;
+``skipped_steps`` is checkpointed with the module's state.
+
+Prediction: ``predict_step`` returns ``{"ray": (m,), "predictions": (B, …)}`` (``predict_ray``) or ``{"rays": (R, m),
+"predictions": (R, B, …)}`` (``predict_rays``); :meth:`ParetoModuleBase.gather_predictions` joins the batches.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from hyperlit.models.mlp import MLP
 from hyperlit.nn import HyperNetwork, batched_call, materialize
 from hyperlit.pareto.front_metric import FrontStatistics
 from hyperlit.pareto.metrics import FrontEvaluation, evaluation_rays, sample_rays, validate_ray
-from hyperlit.pareto.objectives import ObjectiveSet, make_objectives
+from hyperlit.pareto.objectives import ObjectiveSet, resolve_objectives
 from hyperlit.pareto.solvers import SolverOutput, make_solver, objective_gradients
 
 __all__ = ["ParetoHyperNetModule", "ParetoModuleBase"]
@@ -56,7 +66,7 @@ class ParetoModuleBase(HyperlitModule):
 
     def _init_common(
         self,
-        objectives: Sequence[str],
+        objectives: Sequence[str] | ObjectiveSet,
         solver: str,
         epo_eps: float,
         target: nn.Module | None,
@@ -68,8 +78,9 @@ class ParetoModuleBase(HyperlitModule):
         gradient_clip_val: float | None,
         ref_point: Sequence[float] | None,
         eval_metric: str,
+        nan_policy: str = "raise",
     ) -> None:
-        self.objective_set: ObjectiveSet = make_objectives(objectives)
+        self.objective_set: ObjectiveSet = resolve_objectives(objectives)
         self.num_objectives = self.objective_set.num_objectives
         self.solver = make_solver(solver, epo_eps)
         if not callable(optimizer):
@@ -84,6 +95,9 @@ class ParetoModuleBase(HyperlitModule):
         if eval_metric not in ("hard", "relaxed"):
             raise ValueError(f"eval_metric must be 'hard' or 'relaxed', got {eval_metric!r}")
         self.eval_metric = eval_metric
+        if nan_policy not in ("raise", "skip"):
+            raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
+        self.nan_policy = nan_policy
         self.ref_point = tuple(float(v) for v in ref_point) if ref_point is not None else (1.0,) * self.num_objectives
         if len(self.ref_point) != self.num_objectives:
             raise ValueError(
@@ -97,6 +111,8 @@ class ParetoModuleBase(HyperlitModule):
         self.last_front: FrontEvaluation | None = None
         self.register_buffer("epo_fallbacks", torch.zeros((), dtype=torch.long))
         self.register_buffer("epo_solves", torch.zeros((), dtype=torch.long))
+        #: training steps skipped under ``nan_policy="skip"`` (saved in checkpoints; equal on every rank)
+        self.skipped_steps = 0
         if target is not None or in_dim is not None:
             self._build(target)
 
@@ -147,6 +163,14 @@ class ParetoModuleBase(HyperlitModule):
         return {"objectives": list(self.objective_set.names)}
 
     @override
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps}
+
+    @override
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+    @override
     def prepare_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Build the parameters the state dict fills when ``in_dim`` was inferred in the run that saved it."""
         if self.built:
@@ -173,6 +197,62 @@ class ParetoModuleBase(HyperlitModule):
         opt = self.build_optimizer(self.optimizer_factory, self._trainable_parameters(), "optimizer")
         sched = self.build_scheduler(self.lr_scheduler_factory, opt, "lr_scheduler")
         return self.optimizers_config([opt], [sched])
+
+    def _check_losses_shape(self, losses: Tensor, num_sets: int) -> None:
+        m = self.num_objectives
+        if tuple(losses.shape) != (num_sets, m):
+            raise ValueError(
+                f"{type(self.objective_set).__name__}.losses returned shape {tuple(losses.shape)}; it must be "
+                f"(K, m) = ({num_sets}, {m}): one loss per weight set and objective {list(self.objective_set.names)}"
+            )
+
+    def _check_step(self, batch: Any, batch_idx: int, losses: Tensor, rays: Tensor) -> bool:
+        """Whether every rank may take this training step (one all-reduce of one flag per step).
+
+        Batches the objectives refuse (:meth:`~hyperlit.pareto.objectives.ObjectiveSet.check_batch`, e.g.
+        labels outside {0, 1}) raise ``ValueError``; NaN/inf input features or training losses raise
+        ``FloatingPointError`` (``nan_policy="raise"``) or skip the step on every rank (``"skip"``, counted in
+        ``skipped_steps``).
+        """
+        self._check_losses_shape(losses, len(rays))
+        batch_error: ValueError | None = None
+        try:
+            self.objective_set.check_batch(batch)
+        except ValueError as err:
+            batch_error = err
+        x = _batch_inputs(batch)
+        finite_x = torch.isfinite(x).all() if isinstance(x, Tensor) and x.is_floating_point() else torch.tensor(True)
+        finite_losses = torch.isfinite(losses.detach()).all()
+        ok = finite_x.to(finite_losses.device) & finite_losses
+        if self.all_ranks(ok & (batch_error is None)):
+            return True
+        # every rank is here: agree on the kind of failure before raising or skipping together
+        if not self.all_ranks(batch_error is None):
+            if batch_error is not None:
+                raise batch_error
+            raise ValueError("another rank's training batch was refused by the objectives (see that rank's error)")
+        where = f"training step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if not bool(finite_x):
+            assert isinstance(x, Tensor)
+            bad = int((~torch.isfinite(x)).sum())
+            msg = (
+                f"non-finite input features at {where}: {bad} NaN/inf of {x.numel()} values in batch[0] of shape "
+                f"{tuple(x.shape)} — clean or impute the data (drop the rows, or torch.nan_to_num in the DataModule)"
+            )
+        elif not bool(finite_losses):
+            values = {n: losses[:, j].detach().cpu().tolist() for j, n in enumerate(self.objective_set.names)}
+            msg = (
+                f"non-finite training losses {values} at {where}, rays {rays.cpu().tolist()} — the network diverged: "
+                "lower the learning rate or set gradient_clip_val"
+            )
+        else:
+            msg = f"another rank had non-finite input features or training losses at {where} (see its error)"
+        if self.nan_policy == "raise":
+            raise FloatingPointError(msg + "; or pass nan_policy='skip' to skip such steps")
+        rank_zero_warn(msg + " — step skipped (nan_policy='skip')")
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        return False
 
     def _apply_step(self, out: SolverOutput, losses: Tensor, batch_size: int) -> None:
         """Backward, clip, step; count EPO fallbacks and log the step's losses."""
@@ -233,8 +313,23 @@ class ParetoModuleBase(HyperlitModule):
         assert isinstance(metric, FrontStatistics)
         return metric
 
-    def _eval_step(self, batch: Any, metric: FrontStatistics, weights: dict[str, Tensor] | None = None) -> None:
+    def _check_eval_batch(self, batch: Any, stage: str) -> None:
+        """Refused batches raise ``ValueError``, NaN/inf input features ``FloatingPointError`` (whatever
+        ``nan_policy``: skipping evaluation batches would change the split)."""
+        self.objective_set.check_batch(batch)
+        x = _batch_inputs(batch)
+        if isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(
+                f"non-finite input features in a {stage} batch: {int((~torch.isfinite(x)).sum())} NaN/inf of "
+                f"{x.numel()} values in batch[0] of shape {tuple(x.shape)} — clean or impute the data (drop the rows, "
+                "or torch.nan_to_num in the DataModule)"
+            )
+
+    def _eval_step(
+        self, batch: Any, metric: FrontStatistics, weights: dict[str, Tensor] | None = None, stage: str = "evaluation"
+    ) -> None:
         self._require_built()
+        self._check_eval_batch(batch, stage)
         outputs = self._outputs(self.eval_weights() if weights is None else weights, _batch_inputs(batch))
         metric.update(outputs, batch)
 
@@ -255,7 +350,7 @@ class ParetoModuleBase(HyperlitModule):
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
-            self._eval_step(batch, self._stage_front("val"))
+            self._eval_step(batch, self._stage_front("val"), stage="validation")
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -264,11 +359,24 @@ class ParetoModuleBase(HyperlitModule):
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
-            self._eval_step(batch, self._stage_front("test"))
+            self._eval_step(batch, self._stage_front("test"), stage="test")
 
     @override
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
+
+    @staticmethod
+    def gather_predictions(outputs: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Join the per-batch outputs of ``trainer.predict`` (dicts of :meth:`predict_step`) along the batch axis.
+
+        ``{"ray": (m,), "predictions": (N, …)}`` or ``{"rays": (R, m), "predictions": (R, N, …)}``.
+        """
+        if not outputs:
+            raise ValueError("no predictions to gather (an empty predict dataloader?)")
+        key = "rays" if "rays" in outputs[0] else "ray"
+        dim = 1 if key == "rays" else 0
+        preds = torch.cat([o["predictions"].cpu() for o in outputs], dim=dim)
+        return {key: outputs[0][key].cpu(), "predictions": preds}
 
     def weights_for_rays(self, rays: Tensor) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} has fixed rays; evaluate it at its own rays")
@@ -302,8 +410,11 @@ class ParetoHyperNetModule(ParetoModuleBase):
     """PHN-LS / PHN-EPO over any target ``nn.Module`` (default: an MLP ``in_dim → target_hidden → out_dim``).
 
     Args:
-        objectives: Objective names: fairness ``bce``, ``fpr_gap``, ``fnr_gap`` (batches ``(x, y, group)``) or
-            multi-task ``ce_0``, ``ce_1``, … (batches ``(x, targets)``, outputs (B, T, C)).
+        objectives: Objective names — fairness ``bce``, ``fpr_gap``, ``fnr_gap`` (batches ``(x, y, group)``) or
+            multi-task ``ce_0``, ``ce_1``, … (batches ``(x, targets)``, outputs (B, T, C)) — or an
+            :class:`~hyperlit.pareto.objectives.ObjectiveSet` instance of your own (CLI: ``--model.objectives
+            '{class_path: my_pkg.MyObjectives, init_args: {...}}'``). An instance given in Python is not saved in
+            checkpoints' hyperparameters: give it again to ``load_from_checkpoint(path, objectives=...)``.
         solver: ``ls`` (linear scalarization) or ``epo`` (exact Pareto optimal LP).
         epo_gradients: Gradients the EPO LP sees: w.r.t. the hypernetwork parameters φ (``hypernet``, as in
             the paper) or w.r.t. the generated target weights θ(r) (``target``; a cheaper variant — m instead of
@@ -331,16 +442,20 @@ class ParetoHyperNetModule(ParetoModuleBase):
         test_ray_partitions: Das–Dennis partitions of the test rays for m ≥ 3 (interior points only).
         eval_rays: Explicit evaluation rays (overrides the two settings above).
         ref_point: Hypervolume reference point (default: all ones).
-        eval_metric: Evaluate the front on ``hard`` metrics (BCE and hard FPR/FNR gaps; error rates for
+        eval_metric: Evaluate the front on ``hard`` metrics (BCE and hard FPR/FNR gaps; error rates ``err_t`` for
             multi-task) or on the ``relaxed`` training losses.
+        nan_policy: On NaN/inf input features or training losses: ``raise`` (``FloatingPointError`` at that step)
+            or ``skip`` the step on every rank, with a warning, counted in ``skipped_steps``.
         predict_ray: Preference ray used by ``predict_step`` (``hyperlit predict --model.predict_ray [..]``);
             not stored in checkpoints, so it can be chosen at prediction time.
+        predict_rays: Several rays at once (``--model.predict_rays '[[..], [..]]'``): predictions (R, B, …);
+            not stored in checkpoints either.
         seed: Seed of the training-ray generator (combined with the step counter).
     """
 
     def __init__(
         self,
-        objectives: tuple[str, ...] = ("bce", "fpr_gap", "fnr_gap"),
+        objectives: tuple[str, ...] | ObjectiveSet = ("bce", "fpr_gap", "fnr_gap"),
         solver: Literal["ls", "epo"] = "epo",
         epo_gradients: Literal["hypernet", "target"] = "hypernet",
         epo_eps: float = 1e-4,
@@ -363,11 +478,13 @@ class ParetoHyperNetModule(ParetoModuleBase):
         eval_rays: list[list[float]] | None = None,
         ref_point: tuple[float, ...] | None = None,
         eval_metric: Literal["hard", "relaxed"] = "hard",
+        nan_policy: Literal["raise", "skip"] = "raise",
         predict_ray: list[float] | None = None,
+        predict_rays: list[list[float]] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(seed=seed)
-        ignore = ["predict_ray"] + (["target"] if isinstance(target, nn.Module) else [])
+        ignore = ["predict_ray", "predict_rays"] + (["target"] if isinstance(target, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
         if alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
@@ -390,6 +507,7 @@ class ParetoHyperNetModule(ParetoModuleBase):
             gradient_clip_val,
             ref_point,
             eval_metric,
+            nan_policy,
         )
         m = self.num_objectives
         if eval_rays is not None:
@@ -397,8 +515,12 @@ class ParetoHyperNetModule(ParetoModuleBase):
         else:
             rays = evaluation_rays(m, num_test_rays, test_ray_partitions)
         self.register_buffer("_front_rays", rays, persistent=False)
+        if predict_ray is not None and predict_rays is not None:
+            raise ValueError("give predict_ray (one ray) or predict_rays (several), not both")
         self._predict_ray: Tensor | None = None
+        self._predict_rays: Tensor | None = None
         self.predict_ray = predict_ray
+        self.predict_rays = predict_rays
 
     @override
     def _build_weights(self, target: nn.Module) -> None:
@@ -421,6 +543,16 @@ class ParetoHyperNetModule(ParetoModuleBase):
     @predict_ray.setter
     def predict_ray(self, ray: Sequence[float] | Tensor | None) -> None:
         self._predict_ray = None if ray is None else validate_ray(ray, self.num_objectives)
+
+    @property
+    def predict_rays(self) -> list[list[float]] | None:
+        return None if self._predict_rays is None else self._predict_rays.tolist()
+
+    @predict_rays.setter
+    def predict_rays(self, rays: Sequence[Sequence[float]] | Tensor | None) -> None:
+        if rays is not None and len(rays) == 0:
+            raise ValueError("predict_rays is empty: give at least one ray, or None")
+        self._predict_rays = None if rays is None else torch.stack([validate_ray(r, self.num_objectives) for r in rays])
 
     @property
     @override
@@ -475,7 +607,7 @@ class ParetoHyperNetModule(ParetoModuleBase):
         return self.all_reduce_for_epo(losses, grads)
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         """One step on the K rays of :meth:`training_rays` (PHN-LS: Σ r_j ℓ_j; PHN-EPO: the EPO LP's weights)."""
         self._require_built()
         assert self.hnet is not None
@@ -484,6 +616,9 @@ class ParetoHyperNetModule(ParetoModuleBase):
         x = _batch_inputs(batch)
         outputs = self._outputs(self.hnet.unflatten(flat), x)
         losses = self.objective_set.losses(outputs, batch)  # (K, m)
+        if not self._check_step(batch, batch_idx, losses, rays):
+            self.ray_step += 1  # a skipped step still moves on to the next rays
+            return None
         out = self.solver(losses, rays, lambda ls: self._epo_gradients(ls, flat))
         self._apply_step(out, losses, x.shape[0])
         self.ray_step += 1
@@ -491,11 +626,25 @@ class ParetoHyperNetModule(ParetoModuleBase):
 
     # -- prediction --------------------------------------------------------------------------------------------
     @override
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """Predictions (probabilities) of the network for ``predict_ray`` on the batch's inputs."""
-        if self._predict_ray is None:
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Predictions (``objective_set.predict``, e.g. probabilities) of the networks of the prediction ray(s).
+
+        Returns ``{"ray": (m,), "predictions": (B, …)}`` for ``predict_ray``, or ``{"rays": (R, m),
+        "predictions": (R, B, …)}`` for ``predict_rays``; :meth:`gather_predictions` joins the batches of
+        ``trainer.predict``.
+        """
+        if self._predict_ray is not None and self._predict_rays is not None:
+            raise ValueError("both predict_ray and predict_rays are set: set one of them to None")
+        rays = self._predict_rays if self._predict_rays is not None else self._predict_ray
+        if rays is None:
             raise ValueError(
-                "predict needs a preference ray: pass --model.predict_ray '[r1, ..., rm]' "
-                f"({self.num_objectives} non-negative entries summing to 1) or set module.predict_ray"
+                "predict needs a preference ray: pass --model.predict_ray '[r1, ..., rm]' (or several with "
+                f"--model.predict_rays '[[...], [...]]'; {self.num_objectives} non-negative entries summing to 1) or "
+                "set module.predict_ray"
             )
-        return self.objective_set.predict(self(_batch_inputs(batch), self._predict_ray))
+        with torch.no_grad():
+            rays_2d = rays if rays.dim() == 2 else rays[None]
+            preds = self.objective_set.predict(self._outputs(self.weights_for_rays(rays_2d), _batch_inputs(batch)))
+        if rays.dim() == 2:
+            return {"rays": rays.clone(), "predictions": preds}
+        return {"ray": rays.clone(), "predictions": preds[0]}

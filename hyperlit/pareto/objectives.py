@@ -21,16 +21,20 @@ Multi-task (Multi-MNIST style): one cross-entropy per task.
 :class:`FairnessObjectives` and :class:`MultiTaskObjectives` bundle these for the Lightning modules:
 ``losses`` gives the (K, m) differentiable training losses of a batch; ``statistics`` gives additive sufficient
 statistics (summable over batches and, under DDP, over ranks) from which ``from_statistics`` computes the
-evaluation losses of a whole split.
+evaluation values of a whole split. A user-defined :class:`ObjectiveSet` plugs into the same modules (its
+docstring gives the batch contract).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
 __all__ = [
     "FAIRNESS_OBJECTIVES",
@@ -44,6 +48,7 @@ __all__ = [
     "multitask_cross_entropy",
     "relaxed_fnr_gap",
     "relaxed_fpr_gap",
+    "resolve_objectives",
     "toy_objectives",
 ]
 
@@ -128,9 +133,37 @@ def toy_objectives(theta: Tensor) -> Tensor:
 # -- objective sets used by the modules ---------------------------------------------------------------------
 
 
-class ObjectiveSet:
-    """m named objectives: differentiable training losses and additive statistics for evaluation."""
+class ObjectiveSet(ABC):
+    """m named objectives: differentiable training losses and additive statistics for evaluation.
 
+    Subclass it for your own objectives and give an instance (Python) or its import path (CLI) as ``objectives``::
+
+        --model.objectives '{class_path: my_pkg.MyObjectives, init_args: {scale: 0.5}}'
+
+    **Batch contract.** A batch is a tuple/list whose first element is the input of the target network, (B, …);
+    the other elements belong to the objective set (labels, groups, targets). The module runs the target once per
+    weight set, so every method receives ``outputs`` of shape (K, B, …): K weight sets (the training rays, or the
+    R evaluation rays) × the target's output on the B examples. Then
+
+    * :meth:`losses` ``(outputs, batch) → (K, m)``: the **relaxed** training losses, differentiable in
+      ``outputs``, one per weight set and objective, in the order of :attr:`names`;
+    * :meth:`statistics` ``(outputs, batch) → (K, S)``: S = :attr:`num_statistics` **additive** values per weight
+      set (sums and counts; float64 advised), summed over the batches of a split and over DDP ranks;
+    * :meth:`from_statistics` ``(stats (K, S), hard) → (K, m)``: the evaluation values of the whole split — the
+      **hard** evaluation quantities when ``hard`` (``eval_metric="hard"``), the relaxed losses otherwise — logged
+      as ``val/<name>_mean`` with the names of :meth:`eval_names`;
+    * :meth:`predict` ``(outputs (K, B, …)) → (K, B, …)``: predictions (e.g. probabilities) for ``predict_step``;
+    * :meth:`check_batch` (optional): raise a ``ValueError`` saying what is wrong with a batch and how to fix it.
+
+    Everything is minimized: the hypervolume's reference point (``ref_point``) must lie above the evaluation
+    values. An objective set is deep-copied per stage and pickled by ``ddp_spawn``: keep its state plain Python.
+
+    Built-in layouts: :class:`FairnessObjectives` — batches ``(x, y, group)`` with 0/1 labels y and 0/1 sensitive
+    groups of shape (B,), outputs logits (K, B) or (K, B, 1); :class:`MultiTaskObjectives` — batches
+    ``(x, targets)`` with class indices targets (B, T), outputs logits (K, B, T, C).
+    """
+
+    #: the m objective names (of the training losses), e.g. ``("bce", "fpr_gap")``
     names: tuple[str, ...]
 
     @property
@@ -138,25 +171,32 @@ class ObjectiveSet:
         return len(self.names)
 
     @property
-    def num_statistics(self) -> int:  # pragma: no cover - interface
-        """S, the number of additive statistics per ray that :meth:`statistics` returns."""
-        raise NotImplementedError
+    @abstractmethod
+    def num_statistics(self) -> int:
+        """S, the number of additive statistics per weight set that :meth:`statistics` returns."""
 
-    def losses(self, outputs: Tensor, batch: Sequence[Tensor]) -> Tensor:  # pragma: no cover - interface
-        """(K, m) training losses of one batch."""
-        raise NotImplementedError
+    def eval_names(self, hard: bool = True) -> tuple[str, ...]:
+        """Names of the m evaluation values of :meth:`from_statistics` (default: :attr:`names`)."""
+        return self.names
 
-    def statistics(self, outputs: Tensor, batch: Sequence[Tensor]) -> Tensor:  # pragma: no cover - interface
+    def check_batch(self, batch: Sequence[Any]) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` on a batch these objectives cannot use (default: accept every batch)."""
+
+    @abstractmethod
+    def losses(self, outputs: Tensor, batch: Sequence[Any]) -> Tensor:
+        """(K, m) differentiable training losses of one batch."""
+
+    @abstractmethod
+    def statistics(self, outputs: Tensor, batch: Sequence[Any]) -> Tensor:
         """(K, S) additive statistics of one batch (summed over batches and ranks)."""
-        raise NotImplementedError
 
-    def from_statistics(self, stats: Tensor, hard: bool = True) -> Tensor:  # pragma: no cover - interface
-        """(K, m) evaluation losses from summed statistics (hard metrics if ``hard``)."""
-        raise NotImplementedError
+    @abstractmethod
+    def from_statistics(self, stats: Tensor, hard: bool = True) -> Tensor:
+        """(K, m) evaluation values from summed statistics (the hard quantities if ``hard``)."""
 
-    def predict(self, outputs: Tensor) -> Tensor:  # pragma: no cover - interface
-        """Probabilities from raw outputs (for ``predict_step``)."""
-        raise NotImplementedError
+    @abstractmethod
+    def predict(self, outputs: Tensor) -> Tensor:
+        """Predictions (K, B, …) from raw outputs (K, B, …) (for ``predict_step``)."""
 
 
 class FairnessObjectives(ObjectiveSet):
@@ -181,6 +221,7 @@ class FairnessObjectives(ObjectiveSet):
         self.names = names
 
     @property
+    @override
     def num_statistics(self) -> int:
         return 2 + 3 * len(self._GY)
 
@@ -190,6 +231,27 @@ class FairnessObjectives(ObjectiveSet):
             raise ValueError("fairness objectives need batches (x, y, sensitive_group)")
         return batch[0], batch[1], batch[2]
 
+    @override
+    def check_batch(self, batch: Sequence[Any]) -> None:
+        """Labels and sensitive groups must be 0/1 (one device sync when they are)."""
+        _, y, g = self._unpack(batch)
+        bad_y, bad_g = (y != 0) & (y != 1), (g != 0) & (g != 1)
+        if not bool(bad_y.any() | bad_g.any()):
+            return
+        if bool(bad_y.any()):
+            values = torch.unique(y[bad_y]).tolist()[:5]
+            raise ValueError(
+                f"fairness objectives need 0/1 labels: batch[1] (labels y) has values {values} — map the classes to "
+                "{0, 1} in the DataModule (e.g. y = (y == positive_class).float())"
+            )
+        values = torch.unique(g[bad_g]).tolist()[:5]
+        raise ValueError(
+            f"fairness objectives need 0/1 sensitive groups: batch[2] (sensitive group) has values {values} — the "
+            "FPR/FNR gaps compare exactly two groups: binarize the sensitive attribute in the DataModule "
+            "(e.g. group = (attribute == value).long())"
+        )
+
+    @override
     def losses(self, outputs: Tensor, batch: Sequence[Tensor]) -> Tensor:
         _, y, g = self._unpack(batch)
         z = _squeeze_logits(outputs)
@@ -201,6 +263,7 @@ class FairnessObjectives(ObjectiveSet):
         }
         return torch.stack([table[n]() for n in self.names], dim=-1)
 
+    @override
     def statistics(self, outputs: Tensor, batch: Sequence[Tensor]) -> Tensor:
         _, y, g = self._unpack(batch)
         z = _squeeze_logits(outputs).detach().double()
@@ -213,6 +276,7 @@ class FairnessObjectives(ObjectiveSet):
             cols += [mask.sum().expand_as(bce), (p * mask).sum(-1), (hard * mask).sum(-1)]
         return torch.stack(cols, dim=-1)
 
+    @override
     def from_statistics(self, stats: Tensor, hard: bool = True) -> Tensor:
         bce = stats[..., 0] / stats[..., 1].clamp_min(1)
         col = 3 if hard else 2  # Σŷ or Σp
@@ -229,6 +293,7 @@ class FairnessObjectives(ObjectiveSet):
         table = {"bce": bce, "fpr_gap": gap(0), "fnr_gap": gap(1)}  # FNR gap = |(1−TPR_0) − (1−TPR_1)|
         return torch.stack([table[n] for n in self.names], dim=-1)
 
+    @override
     def predict(self, outputs: Tensor) -> Tensor:
         return torch.sigmoid(_squeeze_logits(outputs))
 
@@ -236,7 +301,8 @@ class FairnessObjectives(ObjectiveSet):
 class MultiTaskObjectives(ObjectiveSet):
     """One cross-entropy per task; batches ``(x, targets)`` with targets (B, T); outputs (K, B, T, C).
 
-    Evaluation losses are the per-task cross-entropies (``hard=False``) or error rates (``hard=True``).
+    Evaluation values are the per-task cross-entropies ``ce_t`` (``hard=False``) or error rates ``err_t``
+    (``hard=True``).
     """
 
     def __init__(self, num_tasks: int = 2) -> None:
@@ -245,12 +311,20 @@ class MultiTaskObjectives(ObjectiveSet):
         self.names = tuple(f"ce_{t}" for t in range(num_tasks))
 
     @property
+    @override
     def num_statistics(self) -> int:
         return 2 * self.num_objectives + 1  # per task: Σ CE, Σ errors; then n
 
+    @override
+    def eval_names(self, hard: bool = True) -> tuple[str, ...]:
+        """``err_t`` (error rates) when ``hard``, else the cross-entropies ``ce_t``."""
+        return tuple(f"err_{t}" for t in range(self.num_objectives)) if hard else self.names
+
+    @override
     def losses(self, outputs: Tensor, batch: Sequence[Tensor]) -> Tensor:
         return multitask_cross_entropy(outputs, batch[1])
 
+    @override
     def statistics(self, outputs: Tensor, batch: Sequence[Tensor]) -> Tensor:
         targets = batch[1]
         out = outputs.detach().double()
@@ -259,11 +333,13 @@ class MultiTaskObjectives(ObjectiveSet):
         n = torch.full_like(ce[..., :1], float(targets.shape[0]))
         return torch.cat([ce, wrong, n], dim=-1)
 
+    @override
     def from_statistics(self, stats: Tensor, hard: bool = True) -> Tensor:
         t = self.num_objectives
         n = stats[..., -1:].clamp_min(1)
         return (stats[..., t : 2 * t] if hard else stats[..., :t]) / n
 
+    @override
     def predict(self, outputs: Tensor) -> Tensor:
         return torch.softmax(outputs, dim=-1)
 
@@ -278,5 +354,38 @@ def make_objectives(names: Sequence[str]) -> ObjectiveSet:
         return MultiTaskObjectives(len(names))
     raise ValueError(
         f"unknown objectives {list(names)}: use fairness names from {FAIRNESS_OBJECTIVES} "
-        f"or multi-task names {list(expected)} (ce_0, ce_1, … in order)"
+        f"or multi-task names {list(expected)} (ce_0, ce_1, … in order), or an ObjectiveSet of your own "
+        "(--model.objectives '{class_path: my_pkg.MyObjectives}')"
     )
+
+
+def resolve_objectives(objectives: Sequence[str] | ObjectiveSet | type[ObjectiveSet]) -> ObjectiveSet:
+    """An :class:`ObjectiveSet` from names (:func:`make_objectives`), an instance, or a subclass (built without
+    arguments); a user's set is checked: >= 2 distinct names, as many distinct evaluation names, S >= 1."""
+    if isinstance(objectives, type) and issubclass(objectives, ObjectiveSet):
+        objectives = objectives()
+    if isinstance(objectives, str):
+        raise TypeError(
+            f"objectives must be a list of names or an ObjectiveSet, got the string {objectives!r} "
+            f"(write [{objectives}, ...])"
+        )
+    if not isinstance(objectives, ObjectiveSet):
+        if not all(isinstance(n, str) for n in objectives):
+            raise TypeError(f"objectives must be a list of names or an ObjectiveSet instance, got {objectives!r}")
+        return make_objectives(objectives)
+    kind = type(objectives).__name__
+    names = tuple(getattr(objectives, "names", ()))
+    if len(names) < 2 or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{kind}.names must be >= 2 distinct strings (one per objective), got {list(names)}")
+    objectives.names = names
+    for hard in (True, False):
+        eval_names = tuple(objectives.eval_names(hard))
+        if len(eval_names) != len(names) or len(set(eval_names)) != len(names):
+            raise ValueError(
+                f"{kind}.eval_names(hard={hard}) must give {len(names)} distinct names (one per objective), got "
+                f"{list(eval_names)}"
+            )
+    count = objectives.num_statistics
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"{kind}.num_statistics must be a positive int, got {count!r}")
+    return objectives

@@ -100,6 +100,11 @@ class BestResponseModule(BilevelModule):
         squared_norm: Paper's ``Σ exp(λ_i) w_i²`` (True) or the official code's un-squared ``exp(λ)·‖w‖₂`` (False).
         loss: ``cross_entropy`` or ``mse`` (one-hot targets for integer labels, as in the paper; plain regression
             for float targets).
+        loss_scale: Weight ``s`` of the data term of the training objective, ``s · L_data + R(w, exp(λ))``. 1 (default)
+            is the paper's mean loss; Lorraine & Duvenaud's code minimises the Gaussian negative log-likelihood
+            ``−log N(y; f(x), 0.1²) = 50 · MSE + const``, i.e. ``loss="mse", loss_scale=50``. It changes what λ means:
+            the best L2 strength scales with ``s`` (log λ* shifts by ``log s``). The held-out objective of the λ-steps,
+            ``train/data_loss`` and ``val/loss`` stay unscaled.
         histogram_every_n_epochs: Log histograms of vector λ (TensorBoard-like loggers) every so many epochs.
         plot_schedule: Add the :class:`~hyperlit.callbacks.hparam_schedule.HyperparameterSchedule` callback.
         train_steps: φ-steps per ``hyper_steps`` λ-steps (local/simplified; forced to 0 in the global mode).
@@ -136,6 +141,7 @@ class BestResponseModule(BilevelModule):
         prior_clip: tuple[float, float] | None = None,
         squared_norm: bool = True,
         loss: Literal["cross_entropy", "mse"] = "cross_entropy",
+        loss_scale: float = 1.0,
         histogram_every_n_epochs: int = 1,
         plot_schedule: bool = True,
         train_steps: int = 1,
@@ -157,6 +163,8 @@ class BestResponseModule(BilevelModule):
             raise ValueError(f"prior_clip must be (low, high) with low < high, got {prior_clip}")
         if not sample_std > 0:
             raise ValueError(f"sample_std must be > 0, got {sample_std}")
+        if not (math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale}")
         if histogram_every_n_epochs < 1:
             raise ValueError(f"histogram_every_n_epochs must be >= 1, got {histogram_every_n_epochs}")
         if mode == "global":
@@ -229,6 +237,7 @@ class BestResponseModule(BilevelModule):
         self.prior_clip = tuple(prior_clip) if prior_clip is not None else None
         self.squared_norm = squared_norm
         self.loss_name = loss
+        self.loss_scale = float(loss_scale)
         self.histogram_every_n_epochs = histogram_every_n_epochs
         self.plot_schedule = plot_schedule
         self.hnet = HyperNetwork(
@@ -328,27 +337,27 @@ class BestResponseModule(BilevelModule):
     # -- the two objectives -------------------------------------------------------------------------------
     @override
     def train_loss(self, batch: Any, lam: Tensor) -> Tensor:
-        """``mean_k [L_train(w_φ(λ_k)) + R(w_φ(λ_k), exp(λ_k))]`` over the K samples ``lam`` (K, H)."""
-        x, y = batch
+        """``mean_k [s · L_train(w_φ(λ_k)) + R(w_φ(λ_k), exp(λ_k))]`` over the K samples ``lam`` (K, H); ``s = loss_scale``."""
+        x, y = self.unpack_batch(batch)
         flat = self.hnet.flat(self.condition(lam))  # (K, P)
         out = batched_call(self.target, self.hnet.unflatten(flat), x)
         data = self._data_loss(out, y)
         strength = expand_strengths(self.space.constrained(lam), self.hnet.numels)
         reg = weighted_l2(flat, strength, squared=self.squared_norm)
-        if self.should_log_step():
+        if self.should_log_step():  # the data loss unscaled, as val/loss
             self.log_dict({"train/data_loss": data.mean().detach(), "train/penalty": reg.mean().detach()})
-        return (data + reg).mean()
+        return (self.loss_scale * data + reg).mean()
 
     @override
     def hyper_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """Unregularized validation loss of ``w_φ(λ)``; λ's gradient flows only through the hypernetwork."""
-        x, y = batch
+        x, y = self.unpack_batch(batch)
         return self._data_loss(self(x, lam), y).mean()
 
     @override
     def evaluate(self, batch: Any) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Unregularized loss of ``w_φ(λ̂)`` and, for integer labels, its logits and the labels."""
-        x, y = batch
+        x, y = self.unpack_batch(batch)
         with torch.no_grad():
             out = self(x, self.space.unconstrained.unsqueeze(0))
         loss = self._data_loss(out, y).mean()

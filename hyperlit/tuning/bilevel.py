@@ -25,16 +25,26 @@ Under DDP the hyperparameters are excluded from DDP's reducer (``_ddp_params_and
 gradients are computed with ``torch.autograd.grad`` and averaged over ranks by hand, so neither phase leaves
 parameters without gradients. Logged losses and accuracies are ``torchmetrics`` metrics: under DDP every rank
 logs the value over the whole split.
+
+Logged after every λ-step: ``hparam/<name>`` (the constrained value) and ``sigma_unconstrained/<name>`` (σ, the std of
+the perturbation on the *unconstrained* scale — e.g. of the logit of a dropout rate, of log λ for a log-scaled
+strength — not on the value's own scale); the schedule CSV has the columns ``<name>`` and ``sigma_unconstrained_<name>``.
+
+The checks at fit start (:meth:`BilevelModule.on_train_start`): a ``hyper`` stream without batches raises
+``ValueError``; a warm-up as long as the run (``warmup_epochs >= max_epochs``, ``warmup_steps >= max_steps`` or
+``>=`` the run's training batches) warns that λ never moves.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -45,16 +55,24 @@ from typing_extensions import override
 from hyperlit.base import HyperlitModule
 from hyperlit.hparams import Hyperparameter, HyperparameterSpace
 from hyperlit.streams import split_streams
+from hyperlit.tuning.batches import unpack_xy
 from hyperlit.tuning.metrics import weighted_mean
 
-__all__ = ["BilevelModule"]
+__all__ = ["SIGMA_COLUMN", "SIGMA_KEY", "BilevelModule"]
+
+#: prefix of the logged σ values: the perturbation std on the unconstrained scale (``sigma_unconstrained/<name>``)
+SIGMA_KEY = "sigma_unconstrained/"
+#: prefix of the σ columns of the schedule CSV (``sigma_unconstrained_<name>``)
+SIGMA_COLUMN = "sigma_unconstrained_"
 
 
 class BilevelModule(HyperlitModule):
     """Base LightningModule for hyperparameter tuning with a best-response approximation.
 
     Subclasses implement :meth:`train_loss` and :meth:`hyper_loss` (and usually :meth:`evaluate` and
-    :meth:`configure_metrics`, for an accuracy).
+    :meth:`configure_metrics`, for an accuracy). Every batch (training, hyper, validation, test) is taken apart by
+    :meth:`unpack_batch`: tuples/lists ``(x, y, ...)`` and dicts with the keys ``x``/``y``, ``input``/``target``
+    or ``image``/``label``; override it for another layout.
 
     Args:
         hyperparameters: The tuned hyperparameters; ``None`` uses :meth:`default_hyperparameters`.
@@ -162,10 +180,18 @@ class BilevelModule(HyperlitModule):
         """Held-out objective at ``lam`` (B, H), eval mode; differentiable w.r.t. ``lam`` via the hypernet."""
         raise NotImplementedError
 
+    def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of a training, hyper, validation or test batch: the one place a batch is taken apart.
+
+        Accepts a tuple/list ``(x, y, ...)`` or a dict with the keys ``x``/``y``, ``input``/``target`` or
+        ``image``/``label`` (see :func:`~hyperlit.tuning.batches.unpack_xy`); ``TypeError`` naming these forms
+        otherwise. Override it for another layout.
+        """
+        return unpack_xy(batch, type(self).__name__)
+
     def batch_size(self, batch: Any) -> int:
-        """Number of examples in a batch (first tensor's leading dimension by default)."""
-        first = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return int(first.shape[0])
+        """Number of examples in a batch: the leading dimension of :meth:`unpack_batch`'s ``x``."""
+        return int(self.unpack_batch(batch)[0].shape[0])
 
     def evaluate(self, batch: Any) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Validation/test outputs at the current, unperturbed hyperparameters: the batch's mean loss and, for a
@@ -233,6 +259,68 @@ class BilevelModule(HyperlitModule):
         opt_sigma = self.build_optimizer(self.sigma_optimizer, [self.space.scale], "sigma_optimizer")
         sched = self.build_scheduler(self.phi_lr_scheduler, opt_phi, "phi_lr_scheduler")
         return self.optimizers_config([opt_phi, opt_lam, opt_sigma], [sched])
+
+    @override
+    def on_train_start(self) -> None:
+        """Before the first step: an empty hyper stream is an error; a warm-up outlasting the run, a warning."""
+        super().on_train_start()
+        self.check_hyper_stream()
+        self.warn_if_lambda_never_moves()
+
+    def check_hyper_stream(self) -> None:
+        """Raise ``ValueError`` when the training loaders' ``hyper`` stream has no batches.
+
+        Lightning's ``max_size_cycle`` loader cannot cycle an empty stream and ends every epoch at once, so the run
+        would take no step at all and still finish without an error. Unsized loaders are not checked.
+        """
+        loaders = self.trainer.train_dataloader
+        if not isinstance(loaders, Mapping) or "hyper" not in loaders:
+            return  # not a two-stream batch: the first training step says what is needed (split_streams)
+        hyper = loaders["hyper"]
+        if sized_len(hyper) != 0:
+            return
+        dataset = getattr(hyper, "dataset", None)
+        examples = sized_len(dataset) if dataset is not None else None
+        detail = (
+            f" ({examples} held-out examples, batch_size={getattr(hyper, 'batch_size', None)}, "
+            f"drop_last={getattr(hyper, 'drop_last', None)})"
+            if examples is not None
+            else ""
+        )
+        raise ValueError(
+            f"the hyper stream (the held-out batches of the λ-steps) has no batches{detail}, so {type(self).__name__} "
+            "could never tune its hyperparameters: give the hyper/validation split at least one full batch (e.g. a "
+            "non-zero hyper/validation fraction in the DataModule's `fractions`, or a smaller batch_size)"
+        )
+
+    def warn_if_lambda_never_moves(self) -> None:
+        """Warn when the warm-up (``warmup_epochs``/``warmup_steps``) lasts the whole run: no λ-step is taken."""
+        trainer = self.trainer
+        max_epochs = trainer.max_epochs
+        epochs_known = max_epochs is not None and max_epochs >= 0
+        if self.warmup_epochs > 0 and epochs_known and self.warmup_epochs >= max_epochs:  # type: ignore[operator]
+            rank_zero_warn(
+                f"warmup_epochs={self.warmup_epochs} >= the Trainer's max_epochs={max_epochs}: the warm-up lasts the "
+                "whole run, so λ never moves (no λ-step is taken); lower warmup_epochs or raise max_epochs"
+            )
+        left = self.warmup_steps - int(self.phi_steps)  # warm-up φ-steps still to come, one per batch
+        if self.warmup_steps <= 0 or left <= 0:
+            return
+        steps_left = trainer.max_steps - trainer.global_step  # a warm-up batch is one optimizer step
+        per_epoch = trainer.num_training_batches
+        if trainer.max_steps >= 0 and steps_left <= left:
+            rank_zero_warn(
+                f"warmup_steps={self.warmup_steps} >= the Trainer's max_steps={trainer.max_steps}: the warm-up lasts "
+                "the whole run, so λ never moves (no λ-step is taken); lower warmup_steps or raise max_steps"
+            )
+        elif epochs_known and math.isfinite(per_epoch):
+            total = int(per_epoch) * max(0, max_epochs - self.current_epoch)  # type: ignore[operator]
+            if total <= left:
+                rank_zero_warn(
+                    f"warmup_steps={self.warmup_steps} >= the run's {total} training batches (max_epochs={max_epochs} "
+                    f"× {int(per_epoch)} per epoch): the warm-up lasts the whole run, so λ never moves (no λ-step is "
+                    "taken); lower warmup_steps or train for more batches"
+                )
 
     def in_warmup(self) -> bool:
         """Whether λ is still held fixed (warm-up in epochs and/or φ-steps)."""
@@ -335,6 +423,10 @@ class BilevelModule(HyperlitModule):
 
     # -- logging and the schedule --------------------------------------------------------------------
     def _record_hyperparameters(self) -> None:
+        """Append a schedule row and log the values: ``hparam/<name>`` (constrained value) and
+        ``sigma_unconstrained/<name>`` (σ, the std of the perturbation on the *unconstrained* scale, e.g. of the logit
+        of a dropout rate); vector entries log their ``_mean``. The schedule's σ columns are
+        ``sigma_unconstrained_<name>``."""
         values, sigmas = self.space.values(), self.space.sigmas()
         row: dict[str, float] = {
             "hyper_step": float(self.hyper_steps_done),
@@ -347,23 +439,28 @@ class BilevelModule(HyperlitModule):
             if isinstance(v, Tensor):
                 row[f"{name}_mean"] = logged[f"hparam/{name}_mean"] = v.mean().item()
                 row[f"{name}_min"], row[f"{name}_max"] = v.min().item(), v.max().item()
-                row[f"sigma_{name}_mean"] = logged[f"sigma/{name}_mean"] = s.mean().item()  # type: ignore[union-attr]
+                sigma = s.mean().item()  # type: ignore[union-attr]
+                row[f"{SIGMA_COLUMN}{name}_mean"] = logged[f"{SIGMA_KEY}{name}_mean"] = sigma
             else:
                 row[name] = logged[f"hparam/{name}"] = v
-                row[f"sigma_{name}"] = logged[f"sigma/{name}"] = float(s)  # type: ignore[arg-type]
+                row[f"{SIGMA_COLUMN}{name}"] = logged[f"{SIGMA_KEY}{name}"] = float(s)  # type: ignore[arg-type]
         self.schedule.append(row)
         self.log_dict(logged, on_step=True, on_epoch=False)
 
     def hyperparameter_summary(self) -> str:
-        """Current constrained values (and σ) as one line of text."""
+        """Current constrained values and σ (the perturbation std on the unconstrained scale) as one line of text,
+        e.g. ``dropout0=0.2501 [σ (unconstrained scale)=0.5]``."""
         parts = []
         values, sigmas = self.space.values(), self.space.sigmas()
         for name in self.space.names:
-            v = values[name]
+            v, s = values[name], sigmas[name]
             if isinstance(v, Tensor):
-                parts.append(f"{name}=mean {v.mean().item():.4g} [{v.min().item():.4g}, {v.max().item():.4g}]")
+                parts.append(
+                    f"{name}=mean {v.mean().item():.4g} [{v.min().item():.4g}, {v.max().item():.4g}] "
+                    f"[σ (unconstrained scale)=mean {s.mean().item():.3g}]"  # type: ignore[union-attr]
+                )
             else:
-                parts.append(f"{name}={v:.4g} (σ={float(sigmas[name]):.3g})")  # type: ignore[arg-type]
+                parts.append(f"{name}={v:.4g} [σ (unconstrained scale)={float(s):.3g}]")  # type: ignore[arg-type]
         return ", ".join(parts)
 
     def write_schedule_csv(self, path: str | Path) -> Path:

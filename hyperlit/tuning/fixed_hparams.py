@@ -47,6 +47,7 @@ from typing_extensions import override
 from hyperlit.base import HyperlitModule
 from hyperlit.hparams import Hyperparameter
 from hyperlit.nn.stn import StnConv2d, StnLinear, StnNet
+from hyperlit.tuning.batches import unpack_xy
 from hyperlit.tuning.metrics import weighted_mean
 from hyperlit.tuning.schedule_replay import ReplaySchedule, load_schedule
 
@@ -129,6 +130,9 @@ def _schedule_names(path: Path, names: list[str]) -> list[str]:
 
 class FixedHyperparameterModule(HyperlitModule):
     """Plain classifier with fixed or replayed regularization hyperparameters (manual optimization).
+
+    Batches are taken apart by :meth:`unpack_batch`: tuples/lists ``(x, y, ...)`` and dicts with the keys
+    ``x``/``y``, ``input``/``target`` or ``image``/``label``; override it for another layout.
 
     Args:
         net: An :class:`~hyperlit.nn.stn.StnNet` classifier (``forward(x, hnet_input, hparams, generator)``).
@@ -228,6 +232,15 @@ class FixedHyperparameterModule(HyperlitModule):
                 out[name] = float(math.floor(v)) if h.discrete else float(v)
         return out
 
+    def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of a training, validation or test batch: the one place a batch is taken apart.
+
+        Accepts a tuple/list ``(x, y, ...)`` or a dict with the keys ``x``/``y``, ``input``/``target`` or
+        ``image``/``label`` (see :func:`~hyperlit.tuning.batches.unpack_xy`); ``TypeError`` naming these forms
+        otherwise. Override it for another layout.
+        """
+        return unpack_xy(batch, type(self).__name__)
+
     def _hnet(self, batch: int) -> Tensor | None:
         if self.plain:
             return None
@@ -257,7 +270,7 @@ class FixedHyperparameterModule(HyperlitModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         if isinstance(batch, Mapping) and "train" in batch:
             batch = batch["train"]  # a DataModule that served a tuning module yields {"train", "hyper"} batches
-        x, y = batch
+        x, y = self.unpack_batch(batch)
         values = self.current_values()
         x = self.net.augment(x, values, generator=self.rng)  # type: ignore[arg-type]
         out = self.net(x, self._hnet(x.shape[0]), values, generator=self.rng)  # type: ignore[arg-type]
@@ -281,7 +294,7 @@ class FixedHyperparameterModule(HyperlitModule):
         self.log("train/acc", metrics["acc"], on_step=False, on_epoch=True)
 
     def _eval(self, batch: Any, stage: str) -> None:
-        x, y = batch
+        x, y = self.unpack_batch(batch)
         out = self.net(x, self._hnet(x.shape[0]), None)
         metrics = self.stage_metrics(stage)
         metrics["loss"].update(F.cross_entropy(out, y), y.shape[0])

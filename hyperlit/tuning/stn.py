@@ -130,7 +130,7 @@ class SelfTuningModule(BilevelModule):
     @override
     def train_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """Training loss at the perturbed λ_b: per-example augmentation and regularizers (train mode)."""
-        x, y = batch
+        x, y = self.unpack_batch(batch)
         hp = self.hparam_dict(lam)
         x = self.net.augment(x, hp, generator=self.rng)
         hnet = self.space.hnet_input(lam)
@@ -148,14 +148,14 @@ class SelfTuningModule(BilevelModule):
     @override
     def hyper_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """Held-out loss (eval mode, no augmentation); λ's gradient flows only through the hypernet input."""
-        x, y = batch
+        x, y = self.unpack_batch(batch)
         out = self.net(x, self.space.hnet_input(lam), self.hparam_dict(lam))
         return self._loss(out, y)
 
     @override
     def evaluate(self, batch: Any) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Loss (and logits, labels for the accuracy) at the current, unperturbed λ."""
-        x, y = batch
+        x, y = self.unpack_batch(batch)
         lam = self.space.repeat(x.shape[0])
         # one shared row (stride-0 expansion): STN layers fold W + diag(Vλ̃) W_h once and run plain matmuls
         hnet = self.space.hnet_input(lam[:1]).expand(x.shape[0], -1)

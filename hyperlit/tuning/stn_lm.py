@@ -291,6 +291,12 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
             dm.hyper_repeat = max(1, math.ceil(self.train_steps / self.hyper_steps)) if self.train_steps else 1
 
     @override
+    def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(inputs, targets)`` of a BPTT window ``(inputs, targets, index)`` (see :func:`unpack_window`)."""
+        inputs, targets, _ = unpack_window(batch)
+        return inputs, targets
+
+    @override
     def batch_size(self, batch: Any) -> int:
         """Number of streams (sequences) of a window: one perturbation per sequence."""
         return unpack_window(batch)[0].size(1)

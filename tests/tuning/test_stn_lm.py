@@ -199,9 +199,9 @@ def _write_schedule(path: Path, rows: list[dict[str, float]]) -> Path:
 
 def test_schedule_lookup_by_step_and_epoch(tmp_path: Path) -> None:
     rows = [
-        {"hyper_step": 1.0, "phi_step": 4.0, "epoch": 0.0, "dropouto": 0.1, "sigma_dropouto": 1.0},
-        {"hyper_step": 2.0, "phi_step": 6.0, "epoch": 0.0, "dropouto": 0.2, "sigma_dropouto": 1.0},
-        {"hyper_step": 3.0, "phi_step": 8.0, "epoch": 1.0, "dropouto": 0.3, "sigma_dropouto": 1.0},
+        {"hyper_step": 1.0, "phi_step": 4.0, "epoch": 0.0, "dropouto": 0.1, "sigma_unconstrained_dropouto": 1.0},
+        {"hyper_step": 2.0, "phi_step": 6.0, "epoch": 0.0, "dropouto": 0.2, "sigma_unconstrained_dropouto": 1.0},
+        {"hyper_step": 3.0, "phi_step": 8.0, "epoch": 1.0, "dropouto": 0.3, "sigma_unconstrained_dropouto": 1.0},
     ]
     sched = load_schedule(_write_schedule(tmp_path / "s.csv", rows))
     assert sched.names == ["dropouto"]

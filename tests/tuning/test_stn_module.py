@@ -246,10 +246,10 @@ def test_small_cnn_with_train_val_datamodule_writes_schedule(make_trainer, tmp_p
     log_dir = Path(trainer.log_dir)
     rows = _read_csv(log_dir / "hparam_schedule.csv")
     assert len(rows) == 3
-    assert {"dropout0", "sigma_dropout0", "cutholes", "hyper_step"} <= set(rows[0])
+    assert {"dropout0", "sigma_unconstrained_dropout0", "cutholes", "hyper_step"} <= set(rows[0])
     assert float(rows[-1]["cutlength"]) == module.space.values()["cutlength"]
     assert (log_dir / "hparam_schedule.png").stat().st_size > 1000
-    assert {"val/loss", "val/acc", "hparam/dropout0", "sigma/cutholes"} <= set(trainer.callback_metrics)
+    assert {"val/loss", "val/acc", "hparam/dropout0", "sigma_unconstrained/cutholes"} <= set(trainer.callback_metrics)
 
 
 def test_schedule_figure_goes_to_tensorboard(make_trainer, tmp_path) -> None:
@@ -263,8 +263,24 @@ def test_schedule_figure_goes_to_tensorboard(make_trainer, tmp_path) -> None:
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     assert "hparam_schedule" in events.Tags()["images"]
-    assert {"hparam/dropout0", "sigma/dropout0"} <= set(events.Tags()["scalars"])
+    assert {"hparam/dropout0", "sigma_unconstrained/dropout0"} <= set(events.Tags()["scalars"])
     assert (Path(logger.log_dir) / "hparam_schedule.png").exists()
+
+
+def test_summary_and_plot_say_sigma_is_on_the_unconstrained_scale() -> None:
+    from hyperlit.callbacks.hparam_schedule import plot_schedule
+    from hyperlit.tuning import BestResponseModule
+
+    module = SelfTuningModule(StnMLP(hidden=(16,)), plot_schedule=False)
+    value, sigma = module.space.values()["dropout0"], module.space.sigmas()["dropout0"]
+    assert module.hyperparameter_summary() == f"dropout0={value:.4g} [σ (unconstrained scale)={sigma:.3g}]"
+    vector = BestResponseModule(input_dim=3, num_classes=2, penalty="per_weight", sample_std=0.1, plot_schedule=False)
+    strength = math.exp(-3.5)
+    assert vector.hyperparameter_summary() == (
+        f"weight_decay=mean {strength:.4g} [{strength:.4g}, {strength:.4g}] [σ (unconstrained scale)=mean 0.1]"
+    )
+    fig = plot_schedule([{"hyper_step": 1.0, "dropout0": 0.1, "sigma_unconstrained_dropout0": 0.5}])
+    assert fig.axes[0].get_title() == "dropout0  (σ unconstr.=0.5)"
 
 
 def test_alexnet_default_space_is_the_papers_fifteen() -> None:
@@ -362,7 +378,7 @@ def test_quickstart_config_print_and_short_fit(tmp_path, capsys) -> None:
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr  # rank-zero messages go through Lightning's logger (stderr)
-    assert "Tuned hyperparameters: dropout0=" in out
+    assert "Tuned hyperparameters: dropout0=" in out and "[σ (unconstrained scale)=" in out
     assert "Final validation loss:" in out
     assert list(tmp_path.glob("lightning_logs/version_0/hparam_schedule.csv"))
 

@@ -17,6 +17,9 @@ How a task sequence runs under Lightning (the design every continual DataModule 
 * Validation/test loaders: one loader per task (``dataloader_idx`` = task), over the task's validation split
   (or its test split when ``val_size == 0``, the papers' protocol) and test split.
 
+The module side of this protocol (what a continual module checks at fit start and at the first step) is
+documented in :mod:`hyperlit.continual.base`.
+
 Under DDP (tested in tests/distributed/test_ddp_continual.py) the training sampler must not be replaced by
 Lightning's: use ``Trainer(use_distributed_sampler=False)``; the sampler then gives each rank its slice of every
 global batch. Each task's evaluation split is sharded without padding (:class:`EvalShardSampler`: rank r takes

@@ -25,9 +25,10 @@ Lightning would otherwise swap the model class for the checkpoint's and fail on 
 ``predict`` writes its outputs to a file (:class:`~hyperlit.callbacks.prediction_writer.PredictionWriter`, CSV in
 the run's log folder) unless a ``BasePredictionWriter`` is configured.
 
-:func:`main` (the console script; ``main(args, short_errors=True)`` from Python) reports configuration and data errors as a short ``error: ...`` line on stderr
-(exit code 2 for a command line or configuration the CLI refuses, 1 for a missing or malformed data set or
-checkpoint); ``HYPERLIT_TRACEBACK=1`` shows Lightning's and jsonargparse's full output instead.
+:func:`main` (the console script; ``main(args, short_errors=True)`` from Python) reports configuration and data
+errors as a short ``error: ...`` line on stderr (exit code 2 for a command line or configuration the CLI refuses, 1
+for a missing or malformed data set or checkpoint); ``HYPERLIT_TRACEBACK=1`` shows Lightning's and jsonargparse's
+full output instead.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import re
 import sys
 import types
 from collections.abc import Sequence
@@ -48,6 +50,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 from typing_extensions import override
 
 from hyperlit.base import CHECKPOINT_KEY, HyperlitModule
@@ -86,16 +89,28 @@ def _import_class(class_path: str) -> type | None:
     return obj if isinstance(obj, type) else None
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of ``err``'s chain (``raise ... from``, or raised while handling another)."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err
+
+
+def _from_datamodules(err: BaseException) -> bool:
+    """Whether ``err`` is one of the DataModules' own errors (``DatasetNotFoundError``, ``DataFormatError``)."""
+    return type(err).__module__.split(".")[0] == "datamodules"
+
+
 def _raising_component(err: BaseException) -> str | None:
-    """The class whose ``__init__`` raised ``err`` (the innermost model, DataModule or Trainer being built)."""
+    """The class whose ``__init__`` raised ``err`` (the innermost module, DataModule or Trainer being built)."""
     found = None
     tb: types.TracebackType | None = err.__traceback__
     while tb is not None:
         frame = tb.tb_frame
         owner = frame.f_locals.get("self")
-        if frame.f_code.co_name == "__init__" and isinstance(
-            owner, (pl.LightningModule, pl.LightningDataModule, Trainer)
-        ):
+        if frame.f_code.co_name == "__init__" and isinstance(owner, (nn.Module, pl.LightningDataModule, Trainer)):
             found = type(owner).__name__
         tb = tb.tb_next
     return found
@@ -243,10 +258,15 @@ class HyperlitCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, MisconfigurationException) as err:
-            if isinstance(err, ConfigurationError) or type(err).__module__.split(".")[0] == "datamodules":
+            root = _root_cause(err)  # jsonargparse re-raises a constructor's error inside its own ValueError
+            if isinstance(root, (ConfigurationError, CheckpointMismatchError)) or _from_datamodules(root):
+                if root is err:
+                    raise
+                raise root from None  # the DataModule's or the checkpoint's own error, with its own traceback
+            if not isinstance(root, (ValueError, MisconfigurationException)):
                 raise
-            who = _raising_component(err)
-            raise ConfigurationError(f"{who}: {err}" if who else str(err)) from err
+            who = _raising_component(root)
+            raise ConfigurationError(f"{who}: {root}" if who else _condense_argument_error(str(err))) from err
         if (
             self.subcommand in (None, "fit")
             and self.datamodule is not None
@@ -296,8 +316,10 @@ class HyperlitCLI(LightningCLI):
         self._resolve_last("test")
 
     def before_predict(self) -> None:
-        """``--ckpt_path last`` across versions."""
+        """``--ckpt_path last`` across versions; the predictions go to the writer, not (a second time) into memory."""
         self._resolve_last("predict")
+        if self.config_init["predict"].get("return_predictions") is None:
+            self.config_init["predict"]["return_predictions"] = False
 
 
 # -- the console script ----------------------------------------------------------------------------------------
@@ -305,16 +327,58 @@ def _subcommand(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if a in LightningCLI.subcommands()), None)
 
 
+_ARGPARSE_NOISE = re.compile(
+    r"(Does not validate against any of the Union subtypes|Subtypes: .*|Errors:|Given value type: .*"
+    r"|- Expected a <class 'NoneType'>)"
+)
+_MAX_GIVEN = 60
+
+
+def _condense_argument_error(text: str) -> str:
+    """jsonargparse's nested message as one line: the key path with the classes tried, the innermost problem(s)
+    and the given value (``Parser key "model" ... Option 'hiden' is not accepted`` ->
+    ``model (hyperlit.tuning.SelfTuningModule) > net (hyperlit.models.StnMLP): Option 'hiden' is not accepted``).
+    """
+    path: list[str] = []
+    leaves: list[str] = []
+    given = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or _ARGPARSE_NOISE.fullmatch(line):
+            continue
+        line = line.removeprefix("- ")
+        if line.startswith("Given value: "):
+            given = line.removeprefix("Given value: ")
+        elif key := re.fullmatch(r'Parser key "(.+)":', line):
+            path.append(key.group(1))
+        elif cls := re.fullmatch(r"Problem with given class_path '(.+)':", line):
+            if path:
+                path[-1] += f" ({cls.group(1)})"
+            else:
+                path.append(f"({cls.group(1)})")
+        else:
+            leaves.append(line)
+    if not leaves:
+        return text
+    message = (" > ".join(path) + ": " if path else "") + "; ".join(leaves)
+    if given is not None:
+        short = given if len(given) <= _MAX_GIVEN else given[: _MAX_GIVEN - 3] + "..."
+        message += f" (given: {short})"
+    return message
+
+
 def _short_message(err: BaseException) -> str:
     """``err``'s message in at most a few lines: the first lines, or the head and the tail of a long one."""
     from datamodules.base import DatasetNotFoundError
 
-    if isinstance(err, DatasetNotFoundError):  # files, layout and hint: keep what the user acts on
+    if isinstance(err, DatasetNotFoundError):  # files and hint: what the user acts on (the layout: full trace)
         missing = ", ".join(err.missing[:4]) + (", ..." if len(err.missing) > 4 else "")
         hint = str(err).strip().splitlines()[-1]
         return f"DatasetNotFoundError: {err.dataset} not found in {err.root} (missing: {missing})\n{hint}"
     text = str(err).strip() or type(err).__name__
-    if not isinstance(err, (argparse.ArgumentError, ConfigurationError)):
+    if isinstance(err, argparse.ArgumentError):
+        text = _condense_argument_error(text)
+    elif not isinstance(err, ConfigurationError):
         text = f"{type(err).__name__}: {text}"
     lines = [line.rstrip() for line in text.splitlines() if line.strip()]
     if len(lines) > _MAX_MESSAGE_LINES:
@@ -325,8 +389,11 @@ def _short_message(err: BaseException) -> str:
 def _fail(err: BaseException, code: int, argv: Sequence[str]) -> NoReturn:
     sub = _subcommand(argv)
     prog = f"hyperlit {sub}" if sub else "hyperlit"
+    from datamodules.base import DatasetNotFoundError
+
     help_hint = f"`{prog} --help` lists the options; " if code == 2 else ""
-    sys.stderr.write(f"{prog} failed ({help_hint}HYPERLIT_TRACEBACK=1 shows the full trace)\n")
+    shows = "the expected layout and the full trace" if isinstance(err, DatasetNotFoundError) else "the full trace"
+    sys.stderr.write(f"{prog} failed ({help_hint}HYPERLIT_TRACEBACK=1 shows {shows})\n")
     sys.stderr.write(f"error: {_short_message(err)}\n")
     sys.exit(code)
 

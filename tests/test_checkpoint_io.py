@@ -355,3 +355,20 @@ def test_test_ckpt_path_last_finds_the_fit_runs_last_checkpoint(tmp_path: Path, 
     cli = _test_cli(root, QUICKSTART, "last")
     assert cli.config_init["test"]["ckpt_path"] == str(root / "checkpoints" / "last.ckpt")
     assert "test/loss" in cli.trainer.callback_metrics
+
+
+class _Opaque:
+    """An object a weights-only ``torch.load`` refuses."""
+
+
+def test_read_checkpoint_names_what_is_wrong(tmp_path: Path) -> None:
+    from hyperlit.checkpoint import CheckpointMismatchError, read_checkpoint
+
+    with pytest.raises(FileNotFoundError, match=r"checkpoint \S*nope\.ckpt does not exist"):
+        read_checkpoint(tmp_path / "nope.ckpt")
+    torch.save({"state_dict": {}, "extra": _Opaque()}, tmp_path / "opaque.ckpt")
+    with pytest.raises(
+        CheckpointMismatchError, match=r"opaque\.ckpt is a torch file that torch\.load\(weights_only=True\) cannot read"
+    ):
+        read_checkpoint(tmp_path / "opaque.ckpt")
+    assert isinstance(read_checkpoint(tmp_path / "opaque.ckpt", weights_only=False)["extra"], _Opaque)

@@ -28,7 +28,9 @@ saying so at fit start or at the first step.
 **Evaluation** accumulates a :class:`~hyperlit.continual.scores.TaskScores` metric (sums per task, reduced over
 DDP ranks by torchmetrics) and, at the end of the epoch, every rank writes the synced scores into R and logs
 ``val/acc_task_j`` (``val/mse_task_j``), ``val/acc_mean_seen``, the inferred-task scores and the ``cl/*`` summary
-of R; ``test`` logs ``test/…`` and keeps the scores in the ``test_scores`` buffer. Under DDP every rank may
+of R. ``test`` logs ``test/acc_task_j`` (``test/mse_task_j``) under the test loader that served task j and the
+means over the seen tasks once, under the last loader, so the table Lightning prints has one value per cell, and
+keeps the scores in the ``test_scores`` buffer. Under DDP every rank may
 evaluate a different part of each task's split (the DataModule shards it): the values are those of the whole
 split.
 
@@ -46,7 +48,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
 from hyperlit.base import HyperlitModule
@@ -56,6 +58,32 @@ from hyperlit.continual.scores import TaskScores
 __all__ = ["ContinualModule"]
 
 TaskType = Literal["classification", "regression"]
+
+
+class _ScoreView(Metric):
+    """One scalar of a :class:`TaskScores`' scores, as a metric Lightning can log per test loader.
+
+    It holds no state: ``compute`` reads the source's synced scores (``row`` of task ``task``, or the mean over the
+    ``seen`` tasks when ``task`` is ``None``); ``reset`` leaves the source alone.
+    """
+
+    full_state_update = False
+
+    def __init__(self, source: TaskScores, row: int, task: int | None, seen: int) -> None:
+        super().__init__(sync_on_compute=False)  # the source syncs its own sums
+        self.__dict__["_source"] = source  # not a submodule: the source is registered where it lives
+        self.row, self.column, self.seen = row, task, seen
+
+    @override
+    def update(self) -> None:
+        """Nothing to accumulate (the source is updated by the evaluation step)."""
+
+    @override
+    def compute(self) -> Tensor:
+        scores = self.__dict__["_source"].compute()
+        if self.column is None:
+            return scores[self.row, : self.seen].mean()
+        return scores[self.row, self.column]
 
 
 class ContinualModule(HyperlitModule):
@@ -88,6 +116,7 @@ class ContinualModule(HyperlitModule):
         self.register_buffer("task_inference_matrix", nan.clone())  # fraction of task j assigned to j
         self.register_buffer("test_scores", torch.full((3, num_tasks), math.nan))  # given, inferred, inference
         self._task: int | None = None  # Python mirror of current_task (no device sync per step)
+        self._test_views: dict[str, _ScoreView] = {}  # the scalars logged per test loader (see test_step)
 
     # -- to implement ----------------------------------------------------------------------------------
     def task_outputs(self, x: Tensor, tasks: Tensor) -> Tensor:
@@ -142,7 +171,11 @@ class ContinualModule(HyperlitModule):
         elif isinstance(batch, (tuple, list)) and len(batch) == 3:
             x, y, task = batch
         else:
-            what = f"a {type(batch).__name__} of {len(batch)} items" if isinstance(batch, (tuple, list)) else type(batch)
+            what = (
+                f"a {type(batch).__name__} of {len(batch)} items"
+                if isinstance(batch, (tuple, list))
+                else f"a {type(batch).__name__}"
+            )
             raise ValueError(
                 f"a continual batch is (x, y, task) or a dict with keys 'x', 'y', 'task'; got {what}: serve the task "
                 "id of every batch (a datamodules.TaskSequenceDataModule does)"
@@ -243,16 +276,18 @@ class ContinualModule(HyperlitModule):
         return self.stage_metrics(stage)["scores"]  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _eval_step(self, batch: Any, seen: int, scores: TaskScores) -> None:
+    def _eval_step(self, batch: Any, seen: int, scores: TaskScores) -> int:
+        """Add one evaluation batch to ``scores``; returns its task."""
         x, y, task = self._unpack(batch)
         self._check_task_id(task)
         if task >= seen:
-            return  # tasks not trained yet are not measured
+            return task  # tasks not trained yet are not measured
         if self.infer_task:  # every seen task's outputs at once: (K, B, C)
             out = self.task_outputs(x, torch.arange(seen, device=x.device))
             scores.update(out[task], y, task, candidates=out)
         else:
             scores.update(self.task_outputs(x, torch.tensor([task], device=x.device))[0], y, task)
+        return task
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -287,8 +322,43 @@ class ContinualModule(HyperlitModule):
         return {}
 
     @override
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._test_views = {}
+
+    def _last_test_dataloader(self) -> int:
+        counts = self.trainer.num_test_batches if self._trainer is not None else []
+        return len(counts) - 1 if isinstance(counts, list) and counts else 0
+
+    def _log_score(self, name: str, row: int, task: int | None, seen: int) -> None:
+        """Log one scalar of the synced test scores, computed when Lightning closes the current test loader."""
+        view = self._test_views.get(name)
+        if view is None:
+            view = self._test_views[name] = _ScoreView(self._scores("test"), row, task, seen)
+        view.update()
+        self.log(name, view, on_step=False, on_epoch=True, add_dataloader_idx=False, metric_attribute=name)
+
+    @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.task + 1, self._scores("test"))
+        """Accumulate the test scores; log task j's score under its own loader and the means under the last one.
+
+        Lightning prints (and ``trainer.test`` returns) one column (dict) per test loader: ``test/acc_task_j``
+        (``test/mse_task_j``) appears in the column of the loader that served task j, the means over the seen tasks
+        (``test/acc_mean``, ``test/acc_inferred_mean``, ``test/task_inference_acc``) once, in the last column. Each
+        value is computed from the scores summed over DDP ranks when its loader ends.
+        """
+        seen = self.task + 1
+        task = self._eval_step(batch, seen, self._scores("test"))
+        if seen < 1:
+            return
+        name = "acc" if self.task_type == "classification" else "mse"
+        if task < seen:
+            self._log_score(f"test/{name}_task_{task}", 0, task, seen)
+        if dataloader_idx == self._last_test_dataloader():
+            self._log_score(f"test/{name}_mean", 0, None, seen)
+            if self.infer_task:
+                self._log_score("test/acc_inferred_mean", 1, None, seen)
+                self._log_score("test/task_inference_acc", 2, None, seen)
 
     @override
     def on_test_epoch_end(self) -> None:
@@ -298,16 +368,8 @@ class ContinualModule(HyperlitModule):
             metric.reset()
             self.test_scores.fill_(math.nan)
             return
-        scores = metric.compute()  # synced over ranks
+        self.test_scores.copy_(metric.compute())  # synced over ranks (the logged values were computed from it)
         metric.reset()
-        self.test_scores.copy_(scores)
-        name = "acc" if self.task_type == "classification" else "mse"
-        logs = {f"test/{name}_task_{j}": scores[0, j] for j in range(seen)}
-        logs[f"test/{name}_mean"] = scores[0, :seen].mean()
-        if self.infer_task:
-            logs["test/acc_inferred_mean"] = scores[1, :seen].mean()
-            logs["test/task_inference_acc"] = scores[2, :seen].mean()
-        self.log_dict(logs)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:

@@ -94,9 +94,7 @@ def _norm_stat_names(target: nn.Module) -> list[str]:
 
 def _last_layer(target: nn.Module) -> tuple[str, nn.Module]:
     """Name and module of the last leaf module (in registration order) that holds parameters."""
-    leaves = [
-        (n, m) for n, m in target.named_modules() if next(m.parameters(recurse=False), None) is not None
-    ]
+    leaves = [(n, m) for n, m in target.named_modules() if next(m.parameters(recurse=False), None) is not None]
     if not leaves:
         raise ValueError("the target network has no parameters to generate")
     return leaves[-1]
@@ -237,7 +235,9 @@ class HyperContinualModule(ContinualModule):
         self.target = target
         head_prefix = _last_layer(self.target)[0]
         self.head_names = [
-            n for n, _ in self.target.named_parameters() if (n.startswith(head_prefix + ".") if head_prefix else "." not in n)
+            n
+            for n, _ in self.target.named_parameters()
+            if (n.startswith(head_prefix + ".") if head_prefix else "." not in n)
         ]
         self.hnet = HyperNetwork(
             self.target,
@@ -388,7 +388,7 @@ class HyperContinualModule(ContinualModule):
             raise RuntimeError(f"stored targets cover {len(self.reg_targets)} tasks, need {task}")
         return regularization_loss(self.hnet, emb, targets=self.reg_targets[ids], delta=named_delta)
 
-    def _finite_or_handle(self, value: Tensor, what: str, x: Tensor, task: int) -> bool:
+    def _finite_or_handle(self, value: Tensor, x: Tensor, task: int) -> bool:
         """Whether ``value`` is finite on every rank; if not, raise or (``nan_policy='skip'``) warn and count."""
         if self.all_ranks(torch.isfinite(value).all()):
             return True
@@ -398,7 +398,7 @@ class HyperContinualModule(ContinualModule):
             else "the inputs are finite (diverging training? lower the learning rate or set grad_clip)"
         )
         msg = (
-            f"non-finite {what} {value.detach().cpu().tolist()} at training step {int(self.total_steps)} "
+            f"non-finite loss {value.detach().cpu().tolist()} at training step {int(self.total_steps)} "
             f"(batch {int(self.step_in_task)} of task {task}, epoch {self.current_epoch}): {cause}"
         )
         if self.nan_policy == "raise":
@@ -418,28 +418,23 @@ class HyperContinualModule(ContinualModule):
             saved = {n: s.clone() for n, s in self._norm_stats(task).items()}
         loss_task = self.task_loss(self(x, task), y)
         logs = {"loss": loss_task, "loss_task": loss_task}
-        if not self._finite_or_handle(loss_task, "task loss", x, task):
-            self._restore_norm_stats(task, saved)
-            return logs
         if hp.beta > 0 and task > 0:
             if hp.lookahead == "none":
                 reg = self.regularizer(task)
-                if not self._finite_or_handle(reg, "regularizer", x, task):
-                    self._restore_norm_stats(task, saved)
-                    return logs
                 self.manual_backward(loss_task + hp.beta * reg)
             else:  # Δθ from the task gradient alone (detached), then the regularizer at θ + Δθ
                 self.manual_backward(loss_task)
                 delta = lookahead_delta(opt_hnet.optimizer, list(self.hnet.parameters()), hp.lookahead)
                 reg = self.regularizer(task, delta)
-                if not self._finite_or_handle(reg, "regularizer", x, task):
-                    self._restore_norm_stats(task, saved)
-                    return logs
                 self.manual_backward(hp.beta * reg)
             logs["reg"] = reg.detach()
             logs["loss"] = loss_task.detach() + hp.beta * reg.detach()
         else:
             self.manual_backward(loss_task)
+        # one check (one host sync) per step, before any parameter changes
+        if not self._finite_or_handle(logs["loss"], x, task):
+            self._restore_norm_stats(task, saved)
+            return logs
         if hp.grad_clip is not None:  # one norm over both optimizers' parameters
             params = [*self.hnet.parameters(), *self.task_specific_parameters()]
             torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
@@ -473,7 +468,15 @@ class HyperContinualModule(ContinualModule):
         return logs
 
     @override
+    def datamodule_dims(self) -> dict[str, str]:
+        dims = super().datamodule_dims()
+        if self.user_target:  # input_dim sizes only the built-in MLP
+            dims.pop("input_dim")
+        return dims
+
+    @override
     def checkpoint_identity(self) -> dict[str, Any]:
+        """The base's, the heads and the target network's parameter shapes (another architecture is refused)."""
         shapes = {n: list(p.shape) for n, p in self.target.named_parameters()}
         return {**super().checkpoint_identity(), "heads": self.hparams.heads, "target": shapes}
 

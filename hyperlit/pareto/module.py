@@ -82,6 +82,13 @@ class ParetoModuleBase(HyperlitModule):
     ) -> None:
         self.objective_set: ObjectiveSet = resolve_objectives(objectives)
         self.num_objectives = self.objective_set.num_objectives
+        if isinstance(objectives, ObjectiveSet) and "objectives" not in self.hparams:
+            # an instance is no weights-only hyperparameter: record what to give again to load_from_checkpoint
+            cls = type(objectives)
+            self.hparams["objectives"] = {
+                "objective_set": f"{cls.__module__}.{cls.__qualname__}",
+                "names": list(self.objective_set.names),
+            }
         self.solver = make_solver(solver, epo_eps)
         if not callable(optimizer):
             raise TypeError(f"optimizer must be a callable params -> torch.optim.Optimizer, got {optimizer!r}")

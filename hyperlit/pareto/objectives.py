@@ -28,7 +28,7 @@ docstring gives the batch contract).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -364,6 +364,12 @@ def resolve_objectives(objectives: Sequence[str] | ObjectiveSet | type[Objective
     arguments); a user's set is checked: >= 2 distinct names, as many distinct evaluation names, S >= 1."""
     if isinstance(objectives, type) and issubclass(objectives, ObjectiveSet):
         objectives = objectives()
+    if isinstance(objectives, Mapping) and "objective_set" in objectives:  # the record a module's checkpoint keeps
+        raise TypeError(
+            f"this checkpoint was trained with the objective set {objectives['objective_set']} "
+            f"({list(objectives.get('names', []))}), which checkpoints do not store: give it again, "
+            "load_from_checkpoint(path, objectives=MyObjectives(...))"
+        )
     if isinstance(objectives, str):
         raise TypeError(
             f"objectives must be a list of names or an ObjectiveSet, got the string {objectives!r} "

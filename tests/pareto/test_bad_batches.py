@@ -115,7 +115,7 @@ def test_ranks_agree_before_raising_or_skipping(make_trainer) -> None:
     for policy in ("raise", "skip"):
         model = _module(ParetoHyperNetModule, nan_policy=policy)
         answers = iter([False, True] * 4)  # "not every rank is fine", then "every rank's batch passed check_batch"
-        model.all_ranks = lambda flag: next(answers)  # type: ignore[method-assign]
+        model.all_ranks = lambda flag, answers=answers: next(answers)  # type: ignore[method-assign]
         trainer = make_trainer(limit_val_batches=0, limit_train_batches=1)
         if policy == "raise":
             with pytest.raises(FloatingPointError, match="another rank had non-finite input features or training"):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hyperlit.cli import HyperlitCLI, import_all
+from hyperlit.pareto import ParetoHyperNetModule
 from tests.datamodules.tabular_fakedata import write_fake_adult
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,11 +70,22 @@ def test_phn_adult_config_fits_then_predicts_at_a_command_line_ray(tmp_path: Pat
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        args=["predict", *common, "--ckpt_path", str(best[0]), "--model.predict_ray", str(ray)],
+        args=[
+            "predict",
+            *common,
+            "--ckpt_path",
+            str(best[0]),
+            "--model.predict_ray",
+            str(ray),
+            "--return_predictions",
+            "true",
+        ],
     )
     model = cli.model
     assert model.predict_ray == pytest.approx(ray)  # the command-line ray, not a value from the checkpoint
-    preds = torch.cat(cli.trainer.predict_loop.predictions)  # type: ignore[arg-type]
+    out = ParetoHyperNetModule.gather_predictions(cli.trainer.predict_loop.predictions)  # type: ignore[arg-type]
+    assert out["ray"].tolist() == pytest.approx(ray)
+    preds = out["predictions"]
     x = cli.datamodule.test_set.tensors[0]
     with torch.no_grad():
         expected = torch.sigmoid(model.network_for_ray(ray)(x).squeeze(-1))

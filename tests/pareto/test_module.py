@@ -98,7 +98,25 @@ def test_network_for_ray_predict_and_bad_rays(tmp_path: Path, adult_dir: Path, m
         torch.testing.assert_close(net(x).squeeze(-1), model(x, ray).squeeze(-1))
         expected = torch.sigmoid(net(dm.test_set.tensors[0]).squeeze(-1))
     preds = make_trainer().predict(model, datamodule=dm)
-    torch.testing.assert_close(torch.cat(preds), expected)  # type: ignore[arg-type]
+    assert preds[0]["ray"].tolist() == pytest.approx(ray)  # type: ignore[index]
+    torch.testing.assert_close(torch.cat([p["predictions"] for p in preds]), expected)  # type: ignore[index]
+    # several rays at once: (R, N) predictions, row r = the network of ray r
+    model.predict_ray = None
+    model.predict_rays = [ray, [0.2, 0.4, 0.4]]
+    multi = ParetoHyperNetModule.gather_predictions(make_trainer().predict(model, datamodule=dm))  # type: ignore[arg-type]
+    assert multi["rays"].shape == (2, 3) and multi["predictions"].shape == (2, len(expected))
+    torch.testing.assert_close(multi["predictions"][0], expected)
+    with torch.no_grad():
+        other = torch.sigmoid(model.network_for_ray([0.2, 0.4, 0.4])(dm.test_set.tensors[0]).squeeze(-1))
+    torch.testing.assert_close(multi["predictions"][1], other)
+    model.predict_ray = ray
+    with pytest.raises(ValueError, match="both predict_ray and predict_rays are set"):
+        model.predict_step((x,), 0)
+    with pytest.raises(ValueError, match=r"predict_ray .* or predict_rays .*, not both"):
+        ParetoHyperNetModule(in_dim=4, predict_ray=ray, predict_rays=[ray])
+    with pytest.raises(ValueError, match=r"sums to 1\.2"):
+        model.predict_rays = [[0.6, 0.3, 0.3]]
+    model.predict_rays = None
     with pytest.raises(ValueError, match=r"sums to 1\.2"):
         model.network_for_ray([0.6, 0.3, 0.3])
     with pytest.raises(ValueError, match="negative"):
@@ -184,7 +202,8 @@ def test_multitask_objectives_with_a_custom_target(tmp_path: Path, make_trainer)
     front = model.evaluate(dl)
     assert logged["val/hv"] == pytest.approx(front.hv, abs=1e-6) and front.hv > 0
     assert logged["val/uniformity"] == pytest.approx(front.uniformity, abs=1e-6)
-    for j, name in enumerate(("ce_0", "ce_1")):
+    assert model.last_front.names == ("err_0", "err_1") and "val/ce_0_mean" not in logged  # hard: error rates
+    for j, name in enumerate(("err_0", "err_1")):
         assert logged[f"val/{name}_mean"] == pytest.approx(float(front.losses[:, j].mean()), abs=1e-6)
     assert torch.equal(model.last_front.losses, front.losses)
 

@@ -110,6 +110,8 @@ def test_bce_and_multitask_ce_match_torch() -> None:
     mt = MultiTaskObjectives(2)
     err = mt.from_statistics(mt.statistics(out, (None, tgt)), hard=True)
     torch.testing.assert_close(err.float(), (out.argmax(-1) != tgt).float().mean(1))
+    assert mt.eval_names(hard=True) == ("err_0", "err_1") and mt.eval_names(hard=False) == mt.names == ("ce_0", "ce_1")
+    assert FairnessObjectives().eval_names(hard=True) == ("bce", "fpr_gap", "fnr_gap")
 
 
 def test_toy_objectives_front() -> None:

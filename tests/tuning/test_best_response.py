@@ -467,3 +467,20 @@ def test_per_weight_penalties_reach_the_best_global_validation_loss(real_data_di
     assert spread > 0.05, "the per-weight penalties did not move apart"
     # "no worse": up to the hypernet's optimisation noise at λ̂ (Adam, sampled λ), measured ~±0.002 here
     assert val_loss <= grid_losses[best].item() + 0.005, (val_loss, grid_losses[best].item())
+
+
+def test_loss_scale_weights_the_data_term_of_the_training_objective() -> None:
+    """``loss_scale=50`` is Lorraine & Duvenaud's code's −log N(y; f(x), 0.1²) = 50·MSE + const (penalty unscaled)."""
+    train, val = ridge_problem(d=4)
+    plain = BestResponseModule(input_dim=4, num_classes=1, loss="mse", plot_schedule=False)
+    scaled = BestResponseModule(input_dim=4, num_classes=1, loss="mse", plot_schedule=False, loss_scale=50.0)
+    scaled.load_state_dict(plain.state_dict())
+    lam = torch.tensor([[0.3], [-1.2]])
+    x, y = train
+    data = torch.stack([(plain(x, lam[k : k + 1])[0, :, 0] - y).square().mean() for k in range(2)])
+    total = plain.train_loss(train, lam)
+    reg = total - data.mean()
+    assert scaled.train_loss(train, lam).item() == pytest.approx((50 * data.mean() + reg).item(), rel=1e-5)
+    assert scaled.hyper_loss(val, lam[:1]).item() == pytest.approx(plain.hyper_loss(val, lam[:1]).item())
+    with pytest.raises(ValueError, match=r"loss_scale must be a finite number > 0, got 0\.0"):
+        BestResponseModule(loss_scale=0.0)

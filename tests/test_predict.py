@@ -15,19 +15,10 @@ from datamodules.digits import DigitsDataModule
 from hyperlit.base import HyperlitModule
 from hyperlit.callbacks.prediction_writer import PredictionWriter
 from hyperlit.cli import HyperlitCLI
-from hyperlit.tuning import SelfTuningModule
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 N_TEST = 360  # DigitsDataModule's test split: 20 % of 1,797 (the predict loader)
-
-
-class PredictingSTN(SelfTuningModule):
-    """The quickstart's STN with a ``predict_step`` (logits at the current λ): the tuning modules have none yet, and
-    Lightning's default ``self(batch)`` cannot take an ``(x, y)`` batch."""
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return self(self.unpack_batch(batch)[0])
 
 
 class ParetoLike(HyperlitModule):
@@ -51,8 +42,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def _predict_cli(tmp_path: Path, *args: str) -> HyperlitCLI:
     return HyperlitCLI(
         args=[
-            "predict", "--config", str(QUICKSTART), "--model", f"{__name__}.PredictingSTN",
-            "--trainer.default_root_dir", str(tmp_path),
+            "predict", "--config", str(QUICKSTART), "--trainer.default_root_dir", str(tmp_path),
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *args,
         ]
     )  # fmt: skip

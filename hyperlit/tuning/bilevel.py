@@ -189,6 +189,14 @@ class BilevelModule(HyperlitModule):
         """
         return unpack_xy(batch, type(self).__name__)
 
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """The network's outputs at the current, unperturbed hyperparameters (eval mode) for the batch's inputs
+        (a bare tensor batch is taken as the inputs)."""
+        x = batch if isinstance(batch, Tensor) else self.unpack_batch(batch)[0]
+        out = self(x)
+        return out.logits if hasattr(out, "logits") else out
+
     def batch_size(self, batch: Any) -> int:
         """Number of examples in a batch: the leading dimension of :meth:`unpack_batch`'s ``x``."""
         return int(self.unpack_batch(batch)[0].shape[0])

@@ -252,6 +252,12 @@ class FixedHyperparameterModule(HyperlitModule):
         return self.net(x, self._hnet(x.shape[0]), self.current_values() if self.training else None, self.rng)
 
     @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The network's outputs (eval mode) for the batch's inputs (a bare tensor batch is taken as the inputs)."""
+        x = batch if isinstance(batch, Tensor) else self.unpack_batch(batch)[0]
+        return self(x)
+
+    @override
     def configure_optimizers(self) -> Any:
         """One optimizer over every weight (and its schedule, if one is given)."""
         opt = self.build_optimizer(self.optimizer, self.parameters(), "optimizer")

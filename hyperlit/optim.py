@@ -28,7 +28,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-__all__ = ["OptimizerFactory", "SchedulerFactory", "build_optimizer", "build_scheduler", "step_scheduler"]
+__all__ = [
+    "OptimizerFactory",
+    "SchedulerFactory",
+    "build_optimizer",
+    "build_scheduler",
+    "check_factories",
+    "step_scheduler",
+]
 
 #: ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``)
 OptimizerFactory = Callable[[Iterable[Any]], Optimizer]
@@ -36,6 +43,16 @@ OptimizerFactory = Callable[[Iterable[Any]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler | ReduceLROnPlateau]
 
 _NOT_GIVEN = (None,)
+
+
+def check_factories(**factories: Any) -> None:
+    """``TypeError`` at construction for an argument that is not a factory; ``*_lr_scheduler`` ones may be ``None``."""
+    for name, factory in factories.items():
+        if factory is None and name.endswith("lr_scheduler"):
+            continue
+        if not callable(factory):
+            what = "optimizer -> scheduler" if name.endswith("lr_scheduler") else "params -> torch.optim.Optimizer"
+            raise TypeError(f"{name} must be a callable {what}, got {factory!r}")
 
 
 def _fusable(opt: Optimizer) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hyperlit.optim import build_optimizer, build_scheduler, step_scheduler
+from hyperlit.optim import build_optimizer, build_scheduler, check_factories, step_scheduler
 
 
 def _params(seed: int = 0) -> list[nn.Parameter]:
@@ -73,3 +73,13 @@ def test_plateau_schedule_follows_its_monitor() -> None:
     step = build_scheduler(lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5), opt, "s")
     step_scheduler(step, {}, "val/loss")
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_factories_are_checked_at_construction() -> None:
+    check_factories(phi_optimizer=torch.optim.SGD, phi_lr_scheduler=None)
+    with pytest.raises(TypeError, match=r"phi_optimizer must be a callable params -> torch\.optim\.Optimizer"):
+        check_factories(phi_optimizer="sgd")
+    with pytest.raises(TypeError, match="optimizer must be a callable"):
+        check_factories(optimizer=None)  # only schedules may be None
+    with pytest.raises(TypeError, match="lr_scheduler must be a callable optimizer -> scheduler"):
+        check_factories(lr_scheduler=3)

@@ -21,6 +21,7 @@ from hyperlit.continual.ewc import ewc_penalty, per_example_grad_sq
 from hyperlit.continual.module import HyperContinualModule
 from hyperlit.continual.regularizer import ParameterSnapshot
 from hyperlit.models.mlp import MLP
+from hyperlit.optim import check_factories
 
 __all__ = ["EWCContinualModule", "hypernetwork_fine_tuning"]
 
@@ -83,6 +84,7 @@ class EWCContinualModule(ContinualModule):
                 f"need ewc_lambda >= 0, 0 <= ewc_gamma <= 1, 0 <= fisher_decay < 1 and fisher_every >= 1; got "
                 f"{ewc_lambda}, {ewc_gamma}, {fisher_decay}, {fisher_every}"
             )
+        check_factories(optimizer=optimizer)
         self.optimizer = optimizer
         self.output_dim = output_dim
         self.num_heads = num_tasks if heads == "multihead" else 1

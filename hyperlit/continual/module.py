@@ -72,6 +72,7 @@ from hyperlit.continual.regularizer import (
 from hyperlit.models.mlp import MLP
 from hyperlit.nn.functional import batched_call, call_with_weights
 from hyperlit.nn.hypernet import HyperNetwork
+from hyperlit.optim import check_factories
 
 __all__ = ["HyperContinualModule"]
 
@@ -215,6 +216,7 @@ class HyperContinualModule(ContinualModule):
             raise ValueError(f"reg_num_tasks must be >= 1 or None (all previous tasks), got {reg_num_tasks}")
         if emb_dim < 1:
             raise ValueError(f"emb_dim must be >= 1, got {emb_dim}")
+        check_factories(hnet_optimizer=hnet_optimizer, emb_optimizer=emb_optimizer)
         self.hnet_optimizer = hnet_optimizer
         self.emb_optimizer = emb_optimizer
         self.output_dim = output_dim

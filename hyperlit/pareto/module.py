@@ -39,6 +39,7 @@ from typing_extensions import override
 from hyperlit.base import HyperlitModule
 from hyperlit.models.mlp import MLP
 from hyperlit.nn import HyperNetwork, batched_call, materialize
+from hyperlit.optim import check_factories
 from hyperlit.pareto.front_metric import FrontStatistics
 from hyperlit.pareto.metrics import FrontEvaluation, evaluation_rays, sample_rays, validate_ray
 from hyperlit.pareto.objectives import ObjectiveSet, resolve_objectives
@@ -90,10 +91,7 @@ class ParetoModuleBase(HyperlitModule):
                 "names": list(self.objective_set.names),
             }
         self.solver = make_solver(solver, epo_eps)
-        if not callable(optimizer):
-            raise TypeError(f"optimizer must be a callable params -> torch.optim.Optimizer, got {optimizer!r}")
-        if lr_scheduler is not None and not callable(lr_scheduler):
-            raise TypeError(f"lr_scheduler must be a callable optimizer -> scheduler or None, got {lr_scheduler!r}")
+        check_factories(optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         if gradient_clip_val is not None and gradient_clip_val <= 0:

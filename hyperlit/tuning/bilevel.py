@@ -54,6 +54,7 @@ from typing_extensions import override
 
 from hyperlit.base import HyperlitModule
 from hyperlit.hparams import Hyperparameter, HyperparameterSpace
+from hyperlit.optim import check_factories
 from hyperlit.streams import split_streams
 from hyperlit.tuning.batches import unpack_xy
 from hyperlit.tuning.metrics import weighted_mean
@@ -132,15 +133,12 @@ class BilevelModule(HyperlitModule):
             raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
-        for name, factory in (
-            ("phi_optimizer", phi_optimizer),
-            ("hyper_optimizer", hyper_optimizer),
-            ("sigma_optimizer", sigma_optimizer),
-        ):
-            if not callable(factory):
-                raise TypeError(f"{name} must be a callable building an optimizer from parameters, got {factory!r}")
-        if phi_lr_scheduler is not None and not callable(phi_lr_scheduler):
-            raise TypeError(f"phi_lr_scheduler must be a callable or None, got {phi_lr_scheduler!r}")
+        check_factories(
+            phi_optimizer=phi_optimizer,
+            hyper_optimizer=hyper_optimizer,
+            sigma_optimizer=sigma_optimizer,
+            phi_lr_scheduler=phi_lr_scheduler,
+        )
         self.train_steps = train_steps
         self.hyper_steps = hyper_steps
         self.warmup_epochs = warmup_epochs

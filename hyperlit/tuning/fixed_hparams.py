@@ -47,6 +47,7 @@ from typing_extensions import override
 from hyperlit.base import HyperlitModule
 from hyperlit.hparams import Hyperparameter
 from hyperlit.nn.stn import StnConv2d, StnLinear, StnNet
+from hyperlit.optim import check_factories
 from hyperlit.tuning.batches import unpack_xy
 from hyperlit.tuning.metrics import weighted_mean
 from hyperlit.tuning.schedule_replay import ReplaySchedule, load_schedule
@@ -174,8 +175,7 @@ class FixedHyperparameterModule(HyperlitModule):
             )
         if replay not in ("step", "epoch"):
             raise ValueError(f"replay must be 'step' or 'epoch', got {replay!r}")
-        if not callable(optimizer) or (lr_scheduler is not None and not callable(lr_scheduler)):
-            raise TypeError(f"optimizer and lr_scheduler must be callables, got {optimizer!r}, {lr_scheduler!r}")
+        check_factories(optimizer=optimizer, lr_scheduler=lr_scheduler)
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
         entries = list(hyperparameters) if hyperparameters is not None else net.default_hyperparameters()

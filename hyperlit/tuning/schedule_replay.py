@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from hyperlit.base import HyperlitModule
 from hyperlit.models.stn_lstm_lm import LM_HPARAMS, LMOutput, StnLSTMLanguageModel, lm_training_loss
+from hyperlit.optim import check_factories
 from hyperlit.tuning.stn_lm import LanguageModelEvaluation, unpack_window
 
 __all__ = ["LSTMLanguageModelModule", "ReplaySchedule", "load_schedule"]
@@ -161,8 +162,7 @@ class LSTMLanguageModelModule(LanguageModelEvaluation, HyperlitModule):
             raise KeyError(f"values names unknown hyperparameters {unknown}; known: {list(LM_HPARAMS)}")
         if replay not in ("step", "epoch"):
             raise ValueError(f"replay must be 'step' or 'epoch', got {replay!r}")
-        if not callable(optimizer) or (lr_scheduler is not None and not callable(lr_scheduler)):
-            raise TypeError(f"optimizer and lr_scheduler must be callables, got {optimizer!r}, {lr_scheduler!r}")
+        check_factories(optimizer=optimizer, lr_scheduler=lr_scheduler)
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
         if nonmono is not None and nonmono < 1:

@@ -27,7 +27,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from typing_extensions import override
@@ -302,6 +302,26 @@ class HyperlitModule(pl.LightningModule):
     def info(self, message: str) -> None:
         """A message shown once (rank zero) through Lightning's logger."""
         rank_zero_info(message)
+
+    # -- non-finite steps ---------------------------------------------------------------------------------------
+    @staticmethod
+    def check_nan_policy(policy: str) -> str:
+        """``policy`` if it is ``raise`` or ``skip``, else a ``ValueError`` (call in ``__init__``)."""
+        if policy not in ("raise", "skip"):
+            raise ValueError(f"nan_policy must be 'raise' or 'skip', got {policy!r}")
+        return policy
+
+    def skip_or_raise(self, message: str) -> None:
+        """A non-finite step (every rank agreed, see :meth:`all_ranks`): ``FloatingPointError`` under
+        ``nan_policy='raise'``; under ``'skip'`` a warning, ``skipped_steps += 1`` and ``train/skipped_steps`` logged.
+
+        The family owns ``nan_policy`` and its ``skipped_steps`` counter (a buffer or an int it checkpoints).
+        """
+        if self.nan_policy == "raise":  # type: ignore[attr-defined]
+            raise FloatingPointError(message + "; pass nan_policy='skip' to skip such steps")
+        rank_zero_warn(message + " — step skipped (nan_policy='skip')")
+        self.skipped_steps += 1  # type: ignore[attr-defined]
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
 
     # -- distributed helpers ------------------------------------------------------------------------------------
     @property

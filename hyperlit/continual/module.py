@@ -53,7 +53,6 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -204,8 +203,7 @@ class HyperContinualModule(ContinualModule):
         self.save_hyperparameters(ignore=["target"])
         if heads not in ("generated", "multihead", "separate"):
             raise ValueError(f"heads must be 'generated', 'multihead' or 'separate', got {heads!r}")
-        if nan_policy not in ("raise", "skip"):
-            raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
+        self.check_nan_policy(nan_policy)
         if target is not None and not isinstance(target, nn.Module):
             raise TypeError(f"target must be an nn.Module (or None for the built-in MLP), got {type(target).__name__}")
         if lookahead not in ("none", "sgd", "adam"):
@@ -403,10 +401,7 @@ class HyperContinualModule(ContinualModule):
             f"non-finite loss {value.detach().cpu().tolist()} at training step {int(self.total_steps)} "
             f"(batch {int(self.step_in_task)} of task {task}, epoch {self.current_epoch}): {cause}"
         )
-        if self.nan_policy == "raise":
-            raise FloatingPointError(msg + "; pass nan_policy='skip' to skip such steps")
-        rank_zero_warn(msg + " — step skipped (nan_policy='skip')")
-        self.skipped_steps += 1
+        self.skip_or_raise(msg)
         return False
 
     @override

@@ -100,8 +100,7 @@ class ParetoModuleBase(HyperlitModule):
         if eval_metric not in ("hard", "relaxed"):
             raise ValueError(f"eval_metric must be 'hard' or 'relaxed', got {eval_metric!r}")
         self.eval_metric = eval_metric
-        if nan_policy not in ("raise", "skip"):
-            raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
+        self.check_nan_policy(nan_policy)
         self.nan_policy = nan_policy
         self.ref_point = tuple(float(v) for v in ref_point) if ref_point is not None else (1.0,) * self.num_objectives
         if len(self.ref_point) != self.num_objectives:
@@ -252,11 +251,7 @@ class ParetoModuleBase(HyperlitModule):
             )
         else:
             msg = f"another rank had non-finite input features or training losses at {where} (see its error)"
-        if self.nan_policy == "raise":
-            raise FloatingPointError(msg + "; or pass nan_policy='skip' to skip such steps")
-        rank_zero_warn(msg + " — step skipped (nan_policy='skip')")
-        self.skipped_steps += 1
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        self.skip_or_raise(msg)
         return False
 
     def _apply_step(self, out: SolverOutput, losses: Tensor, batch_size: int) -> None:

@@ -129,8 +129,7 @@ class BilevelModule(HyperlitModule):
             raise ValueError("train_steps=0 freezes φ after warm-up, so it needs a warm-up (phase 1)")
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}")
-        if nan_policy not in ("raise", "skip"):
-            raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
+        self.check_nan_policy(nan_policy)
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
         check_factories(
@@ -420,11 +419,7 @@ class BilevelModule(HyperlitModule):
             f"λ-step {int(self.hyper_steps_done)} (epoch {self.current_epoch}); hyperparameters: "
             f"{self.hyperparameter_summary()}"
         )
-        if self.nan_policy == "raise":
-            raise FloatingPointError(msg)
-        rank_zero_warn(msg + " — step skipped (nan_policy='skip')")
-        self.skipped_steps += 1
-        self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True)
+        self.skip_or_raise(msg)
         return False
 
     # -- logging and the schedule --------------------------------------------------------------------

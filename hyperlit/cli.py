@@ -327,6 +327,27 @@ def _subcommand(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if a in LightningCLI.subcommands()), None)
 
 
+def resolve_bare_help(argv: Sequence[str]) -> list[str]:
+    """``--model NAME --model.help`` (a bare ``.help``) as ``--model.help NAME``, likewise for ``--data``.
+
+    jsonargparse reads a bare ``--model.help`` as the help of the base class the CLI is bound to, whatever
+    ``--model`` chose; the class given earlier on the command line is what the user asks about.
+    """
+    out = list(argv)
+    for key in ("model", "data"):
+        chosen = None
+        for i, arg in enumerate(out):
+            if arg == f"--{key}" and i + 1 < len(out):
+                chosen = out[i + 1]
+            elif arg.startswith(f"--{key}="):
+                chosen = arg.split("=", 1)[1]
+            elif arg == f"--{key}.help" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+                if chosen is not None and not chosen.endswith((".yaml", ".yml", ".json", "}")):
+                    out.insert(i + 1, chosen)
+                break
+    return out
+
+
 _ARGPARSE_NOISE = re.compile(
     r"(Does not validate against any of the Union subtypes|Subtypes: .*|Errors:|Given value type: .*"
     r"|- Expected a <class 'NoneType'>)"
@@ -409,7 +430,11 @@ def main(args: Sequence[str] | None = None, *, short_errors: bool | None = None)
     from datamodules.base import DataFormatError, DatasetNotFoundError
 
     import_all()
-    cli_args = list(args) if args is not None else None
+    if args is None:  # the console script: LightningCLI reads sys.argv (rewritten in place, no args-and-argv warning)
+        sys.argv[1:] = resolve_bare_help(sys.argv[1:])
+        cli_args = None
+    else:
+        cli_args = resolve_bare_help(args)
     if short_errors is None:
         short_errors = args is None
     if not short_errors or os.environ.get("HYPERLIT_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no"):

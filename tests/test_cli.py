@@ -35,6 +35,23 @@ def test_fit_help_lists_modules_and_datamodules(capsys) -> None:
     assert "--optimizer" not in out  # our modules own their optimizers
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fit", "--model", "SelfTuningModule", "--model.help"],
+        ["fit", "--model=SelfTuningModule", "--model.help"],
+        ["fit", "--model.help", "SelfTuningModule"],
+    ],
+)
+def test_model_help_shows_the_chosen_module(args, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model.net NET" in out  # SelfTuningModule's own arguments, not the base class's
+    assert "--model.hyperparameters" in out
+
+
 def test_print_config_of_quickstart(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(QUICKSTART), "--print_config"])

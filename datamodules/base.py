@@ -1,7 +1,7 @@
 """Conventions shared by every hyperlit DataModule.
 
 * ``data_dir`` defaults to ``$HYPERLIT_DATA_DIR`` and falls back to ``~/.cache/hyperlit``.
-* Downloads happen only in :meth:`HyperlitDataModule.prepare_data` and only with ``download=True``, through
+* Downloads happen only in ``prepare_data`` and only with ``download=True``, through
   torchvision's downloaders (``torchvision.datasets.utils.download_url`` / ``download_and_extract_archive``, which
   check the md5).
 * Missing files raise :class:`DatasetNotFoundError`, which names the files, the expected layout and the

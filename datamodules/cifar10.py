@@ -215,8 +215,8 @@ class CIFAR10DataModule(HyperlitDataModule):
             self._find()
 
     def check_integrity(self) -> Path:
-        """The folder read; :class:`DatasetNotFoundError` for missing files, :class:`DataFormatError` for md5
-        mismatches of the full data set."""
+        """The folder read; :class:`~datamodules.base.DatasetNotFoundError` for missing files,
+        :class:`~datamodules.base.DataFormatError` for md5 mismatches of the full data set."""
         folder = self._find()
         if self.partial or not self.verify_md5:
             return folder

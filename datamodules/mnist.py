@@ -42,7 +42,8 @@ MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-MNIST_FOLDERS = ("MNIST/raw", "mnist")  # torchvision's layout, then hyperlit's
+#: Folders under ``data_dir`` searched for the four IDX files, in this order (torchvision's layout, then hyperlit's).
+MNIST_FOLDERS = ("MNIST/raw", "mnist")
 MNIST_LAYOUT = (
     "  MNIST/raw/   (torchvision's layout; torchvision.datasets.MNIST(root=data_dir, download=True) writes it)\n"
     + "".join(f"    {f}\n" for f in MNIST_FILES.values())

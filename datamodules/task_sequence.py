@@ -240,7 +240,7 @@ class TaskSequenceDataModule(HyperlitDataModule):
     # -- schedule ------------------------------------------------------------------------------------
     @property
     def num_schedule_epochs(self) -> int:
-        """Epochs of the whole sequence: ``num_tasks · epochs_per_task``."""
+        """Epochs of the whole sequence, ``num_tasks · epochs_per_task``."""
         return self.num_tasks * self.epochs_per_task
 
     def task_of_epoch(self, epoch: int) -> int:

@@ -5,8 +5,8 @@
 * :mod:`hyperlit.continual` — task-conditioned hypernetworks (continual learning).
 * :mod:`hyperlit.nn` — the Lightning-free parts: hypernetworks, STN layers, regularizers, augmentation.
 
-Every LightningModule of the library subclasses :class:`HyperlitModule`; :class:`HyperlitCLI` is the ``hyperlit``
-command line (a ``LightningCLI`` over them).
+Every LightningModule of the library subclasses :class:`~hyperlit.base.HyperlitModule`;
+:class:`~hyperlit.cli.HyperlitCLI` is the ``hyperlit`` command line (a ``LightningCLI`` over them).
 """
 
 from hyperlit.base import HyperlitModule

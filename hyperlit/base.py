@@ -6,16 +6,18 @@ phases:
 * **manual optimization** (``automatic_optimization = False``) and optimizers built from injected factories
   (:meth:`HyperlitModule.build_optimizer`, fused kernels where PyTorch has them), with their learning-rate
   schedules stepped once per epoch (:meth:`HyperlitModule.on_train_epoch_end`);
-* **checkpoint identity**: every checkpoint records the module's class and :meth:`checkpoint_identity`; resuming
-  from another module's or another configuration's checkpoint, or from one of another architecture, raises
-  :class:`~hyperlit.checkpoint.CheckpointMismatchError` naming what differs, before any tensor is copied;
-* **checkpointed generators**: :attr:`rng` (on the module's device, seeded by :meth:`generator_seed`, per rank if a
-  family says so) and any named CPU generators from :meth:`register_generator`, restored exactly on resume;
-* **one logging throttle** (:meth:`should_log_step`: the steps on which Lightning's logger writes) and rank-zero
-  messages (:meth:`info`, never ``print``);
-* **metrics**: :meth:`configure_metrics` returns a ``torchmetrics`` collection that the base clones per stage
-  (``train/``, ``val/``, ``test/`` prefixes) in :meth:`configure_model`; torchmetrics reduces their states over
-  DDP ranks, so every rank logs the value of the whole split.
+* **checkpoint identity**: every checkpoint records the module's class and
+  :meth:`~HyperlitModule.checkpoint_identity`; resuming from another module's or another configuration's
+  checkpoint, or from one of another architecture, raises :class:`~hyperlit.checkpoint.CheckpointMismatchError`
+  naming what differs, before any tensor is copied;
+* **checkpointed generators**: :attr:`~HyperlitModule.rng` (on the module's device, seeded by
+  :meth:`~HyperlitModule.generator_seed`, per rank if a family says so) and any named CPU generators from
+  :meth:`~HyperlitModule.register_generator`, restored exactly on resume;
+* **one logging throttle** (:meth:`~HyperlitModule.should_log_step`: the steps on which Lightning's logger
+  writes) and rank-zero messages (:meth:`~HyperlitModule.info`, never ``print``);
+* **metrics**: :meth:`~HyperlitModule.configure_metrics` returns a ``torchmetrics`` collection that the base
+  clones per stage (``train/``, ``val/``, ``test/`` prefixes) in :meth:`~HyperlitModule.configure_model`;
+  torchmetrics reduces their states over DDP ranks, so every rank logs the value of the whole split.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Crash-safe checkpoint files, and ``--ckpt_path last`` that finds the previous run's ``last.ckpt``.
 
-:class:`AtomicCheckpointIO` writes a checkpoint to a temporary file *in the target's directory*, flushes and
-``fsync``s it, ``os.replace``s it onto the target and ``fsync``s the directory. A process killed (SIGKILL, OOM
+:class:`AtomicCheckpointIO` writes a checkpoint to a temporary file *in the target's directory*, flushes it,
+syncs it (``fsync``), moves it onto the target (``os.replace``) and syncs the directory. A process killed (SIGKILL, OOM
 killer, pre-emption) at any moment of a save leaves either the previous file or the new one under the target's
 name, never a truncated one; the temporary file it may leave behind is a hidden ``.<name>.<random>.tmp`` that no
 checkpoint lookup mistakes for a checkpoint, and the next successful save of the same target removes it.
@@ -16,7 +16,7 @@ target -- and commit with ``shutil.move``. Consequences:
   file system: the usual cluster set-up), ``os.rename`` fails and ``shutil.move`` falls back to ``copy2``, which
   **opens the target and writes it in place**: a kill during that copy leaves a truncated ``last.ckpt``, and the
   run can no longer resume (tests/test_checkpoint_io.py reproduces this);
-* nothing is ``fsync``ed, neither the data nor the directory entry, so after a node crash or power loss the renamed
+* nothing is synced (``fsync``), neither the data nor the directory entry, so after a node crash or power loss the renamed
   file can be empty;
 * a process killed mid-save leaves a checkpoint-sized orphan in the system temporary directory;
 * the whole checkpoint is held twice in host memory (the object and the serialised buffer).

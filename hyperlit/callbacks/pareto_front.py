@@ -12,7 +12,8 @@ objectives, a 3-D scatter for three (pairwise panels for more) — coloured by t
 
 Only rank 0 draws (the front is already the whole split's: the metric summed its statistics over ranks); sanity
 checks are skipped;
-matplotlib is imported lazily and used through its object API (no pyplot state).
+matplotlib is imported lazily and used through its object API (no pyplot state). Figures use matplotlib's
+constrained layout, so axis labels, tick labels, the colour bar and the title all lie inside the saved image.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ def plot_front(front: Any, title: str = "", path: str | Path | None = None) -> A
     text = f"{title}  HV={front.hv:.4f} (ref {list(front.ref_point)}), uniformity={front.uniformity:.3f}".strip()
     color = rays[:, 0]
     if m == 2:
-        fig = Figure(figsize=(4.5, 4))
+        fig = Figure(figsize=(4.5, 4), layout="constrained")
         ax = fig.add_subplot(1, 1, 1)
         sc = ax.scatter(losses[:, 0], losses[:, 1], c=color, cmap="viridis", s=18)
         ax.set_xlabel(names[0])
         ax.set_ylabel(names[1])
     elif m == 3:
-        fig = Figure(figsize=(5, 4.5))
+        fig = Figure(figsize=(5, 4.5), layout="constrained")
         ax = fig.add_subplot(1, 1, 1, projection="3d")
         sc = ax.scatter(losses[:, 0], losses[:, 1], losses[:, 2], c=color, cmap="viridis", s=14)
         ax.set_xlabel(names[0])
@@ -53,7 +54,7 @@ def plot_front(front: Any, title: str = "", path: str | Path | None = None) -> A
         ax.set_zlabel(names[2])
     else:
         pairs = list(itertools.combinations(range(m), 2))
-        fig = Figure(figsize=(3.2 * len(pairs), 3))
+        fig = Figure(figsize=(3.2 * len(pairs), 3), layout="constrained")
         for k, (i, j) in enumerate(pairs):
             ax = fig.add_subplot(1, len(pairs), k + 1)
             sc = ax.scatter(losses[:, i], losses[:, j], c=color, cmap="viridis", s=12)

@@ -1,8 +1,11 @@
 """Continual learning with task-conditioned hypernetworks (von Oswald et al., ICLR 2020) and baselines.
 
-* :class:`HyperContinualModule` — hypernetwork + output regularizer (full or chunked hypernetwork).
-* :class:`EWCContinualModule` — (online) EWC on a plain multi-head MLP, in the same harness.
-* :class:`TaskScores` — the per-task evaluation scores as a ``torchmetrics.Metric`` (summed over DDP ranks).
+* :class:`~hyperlit.continual.module.HyperContinualModule` — hypernetwork + output regularizer (full or chunked
+  hypernetwork).
+* :class:`~hyperlit.continual.baselines.EWCContinualModule` — (online) EWC on a plain network (a multi-head MLP or
+  your own ``nn.Module``), in the same harness.
+* :class:`~hyperlit.continual.scores.TaskScores` — the per-task evaluation scores as a ``torchmetrics.Metric``
+  (summed over DDP ranks).
 * :mod:`hyperlit.continual.regularizer`, :mod:`hyperlit.continual.metrics`, :mod:`hyperlit.continual.ewc` —
   the Lightning-free math.
 """

@@ -30,7 +30,8 @@ DDP ranks by torchmetrics) and, at the end of the epoch, every rank writes the s
 ``val/acc_task_j`` (``val/mse_task_j``), ``val/acc_mean_seen``, the inferred-task scores and the ``cl/*`` summary
 of R. ``test`` logs ``test/acc_task_j`` (``test/mse_task_j``) under the test loader that served task j and the
 means over the seen tasks once, under the last loader, so the table Lightning prints has one value per cell, and
-keeps the scores in the ``test_scores`` buffer. Under DDP every rank may
+keeps the scores in the ``test_scores`` buffer. A standalone ``trainer.validate`` logs the same way (``val/acc_task_j``
+under loader j, ``val/acc_mean_seen`` and the inferred-task means under the last) and writes no row of R. Under DDP every rank may
 evaluate a different part of each task's split (the DataModule shards it): the values are those of the whole
 split.
 
@@ -116,7 +117,9 @@ class ContinualModule(HyperlitModule):
         self.register_buffer("task_inference_matrix", nan.clone())  # fraction of task j assigned to j
         self.register_buffer("test_scores", torch.full((3, num_tasks), math.nan))  # given, inferred, inference
         self._task: int | None = None  # Python mirror of current_task (no device sync per step)
-        self._test_views: dict[str, _ScoreView] = {}  # the scalars logged per test loader (see test_step)
+        self.user_target = False  # a subclass given the user's own network sets this (input_dim is then unused)
+        # the scalars logged per evaluation loader by test_step and a standalone validate (see test_step)
+        self._eval_views: dict[str, dict[str, _ScoreView]] = {"val": {}, "test": {}}
 
     # -- to implement ----------------------------------------------------------------------------------
     def task_outputs(self, x: Tensor, tasks: Tensor) -> Tensor:
@@ -190,6 +193,27 @@ class ContinualModule(HyperlitModule):
         if not 0 <= task < self.num_tasks:
             raise KeyError(f"unknown task id {task}; this module was built for tasks 0..{self.num_tasks - 1}")
 
+    #: what :meth:`finite_or_handle` suggests when the inputs are finite but the loss is not
+    divergence_hint = "lower the learning rate"
+
+    def finite_or_handle(self, value: Tensor, x: Tensor, task: int) -> bool:
+        """Whether ``value`` (the step's loss) is finite on every rank; if not,
+        :meth:`~hyperlit.base.HyperlitModule.skip_or_raise` with a message naming the step, the task and the cause
+        (``nan_policy``: the subclass's)."""
+        if self.all_ranks(torch.isfinite(value).all()):
+            return True
+        cause = (
+            "the batch's input features contain NaN/inf"
+            if not bool(torch.isfinite(x).all())
+            else f"the inputs are finite (diverging training? {self.divergence_hint})"
+        )
+        msg = (
+            f"non-finite loss {value.detach().cpu().tolist()} at training step {int(self.total_steps)} "
+            f"(batch {int(self.step_in_task)} of task {task}, epoch {self.current_epoch}): {cause}"
+        )
+        self.skip_or_raise(msg)
+        return False
+
     def _reset_optimizer_state(self) -> None:
         if self._trainer is None:
             return
@@ -215,10 +239,13 @@ class ContinualModule(HyperlitModule):
     # -- Lightning hooks -----------------------------------------------------------------------------------
     def datamodule_dims(self) -> dict[str, str]:
         """Hyperparameter name → DataModule attribute that must agree when both are set (checked at fit start)."""
+        if self.user_target:  # input_dim sizes only the built-in MLP
+            return {"output_dim": "classes_per_task"}
         return {"input_dim": "input_dim", "output_dim": "classes_per_task"}
 
     @override
     def on_fit_start(self) -> None:
+        """Check the DataModule's side of the task protocol (``num_tasks``, ``num_schedule_epochs``, dimensions)."""
         dm = getattr(self.trainer, "datamodule", None)
         missing = [a for a in ("num_tasks", "num_schedule_epochs") if getattr(dm, a, None) is None]
         if missing:
@@ -259,8 +286,9 @@ class ContinualModule(HyperlitModule):
         self.total_steps += 1
         if self.should_log_step():
             logs = {f"train/{k}": v.detach() for k, v in logs.items()}
-            logs["train/task"] = torch.tensor(float(task))
+            shown = {"train/loss": logs.pop("train/loss"), "train/task": torch.tensor(float(task))}
             self.log_dict(logs, on_step=True, on_epoch=False)
+            self.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True)  # this rank's loss, the current task
         return loss
 
     @override
@@ -290,8 +318,23 @@ class ContinualModule(HyperlitModule):
         return task
 
     @override
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._eval_views["val"] = {}
+
+    @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.task + 1, self._scores("val"))
+        """Accumulate the validation scores; a standalone ``trainer.validate`` logs them per loader like ``test``.
+
+        Under ``fit`` the scores are logged once per epoch by ``on_validation_epoch_end`` (which also writes
+        the row of the accuracy matrix). ``trainer.validate`` writes no row: it logs ``val/acc_task_j``
+        (``val/mse_task_j``) in the column of the loader that served task j and ``val/acc_mean_seen``,
+        ``val/acc_inferred_mean_seen``, ``val/task_inference_acc`` once, in the last column.
+        """
+        seen = self.task + 1
+        task = self._eval_step(batch, seen, self._scores("val"))
+        if seen >= 1 and self._trainer is not None and self.trainer.state.fn == "validate":
+            self._log_loader_scores("val", task, dataloader_idx, seen)
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -315,6 +358,8 @@ class ContinualModule(HyperlitModule):
         for k, v in summarize(self.acc_matrix, self.higher_is_better).items():
             logs[f"cl/{k}"] = torch.tensor(v)
         logs.update(self.extra_validation_metrics())
+        mean = f"val/{name}_mean_seen"  # synced over ranks (the scores' sums were reduced): shown on the progress bar
+        self.log(mean, logs.pop(mean), prog_bar=True)
         self.log_dict(logs)
 
     def extra_validation_metrics(self) -> dict[str, Tensor]:
@@ -324,19 +369,34 @@ class ContinualModule(HyperlitModule):
     @override
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
-        self._test_views = {}
+        self._eval_views["test"] = {}
 
-    def _last_test_dataloader(self) -> int:
-        counts = self.trainer.num_test_batches if self._trainer is not None else []
+    def _last_dataloader(self, stage: str) -> int:
+        counts: Any = []
+        if self._trainer is not None:
+            counts = self.trainer.num_test_batches if stage == "test" else self.trainer.num_val_batches
         return len(counts) - 1 if isinstance(counts, list) and counts else 0
 
-    def _log_score(self, name: str, row: int, task: int | None, seen: int) -> None:
-        """Log one scalar of the synced test scores, computed when Lightning closes the current test loader."""
-        view = self._test_views.get(name)
+    def _log_score(self, stage: str, name: str, row: int, task: int | None, seen: int) -> None:
+        """Log one scalar of the synced ``stage`` scores, computed when Lightning closes the current loader."""
+        views = self._eval_views[stage]
+        view = views.get(name)
         if view is None:
-            view = self._test_views[name] = _ScoreView(self._scores("test"), row, task, seen)
+            view = views[name] = _ScoreView(self._scores(stage), row, task, seen)
         view.update()
         self.log(name, view, on_step=False, on_epoch=True, add_dataloader_idx=False, metric_attribute=name)
+
+    def _log_loader_scores(self, stage: str, task: int, dataloader_idx: int, seen: int) -> None:
+        """Task ``task``'s score under the current loader; the means over the seen tasks under the last loader."""
+        name = "acc" if self.task_type == "classification" else "mse"
+        seen_suffix = "_seen" if stage == "val" else ""  # the names fit's validation logs
+        if task < seen:
+            self._log_score(stage, f"{stage}/{name}_task_{task}", 0, task, seen)
+        if dataloader_idx == self._last_dataloader(stage):
+            self._log_score(stage, f"{stage}/{name}_mean{seen_suffix}", 0, None, seen)
+            if self.infer_task:
+                self._log_score(stage, f"{stage}/acc_inferred_mean{seen_suffix}", 1, None, seen)
+                self._log_score(stage, f"{stage}/task_inference_acc", 2, None, seen)
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -349,16 +409,8 @@ class ContinualModule(HyperlitModule):
         """
         seen = self.task + 1
         task = self._eval_step(batch, seen, self._scores("test"))
-        if seen < 1:
-            return
-        name = "acc" if self.task_type == "classification" else "mse"
-        if task < seen:
-            self._log_score(f"test/{name}_task_{task}", 0, task, seen)
-        if dataloader_idx == self._last_test_dataloader():
-            self._log_score(f"test/{name}_mean", 0, None, seen)
-            if self.infer_task:
-                self._log_score("test/acc_inferred_mean", 1, None, seen)
-                self._log_score("test/task_inference_acc", 2, None, seen)
+        if seen >= 1:
+            self._log_loader_scores("test", task, dataloader_idx, seen)
 
     @override
     def on_test_epoch_end(self) -> None:

@@ -22,8 +22,12 @@ def per_example_grad_sq(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
     y: Tensor,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Mean over the batch of the squared per-example gradients of ``loss_fn(model(x_i), y_i)`` w.r.t. ``params``.
+
+    Run the model in eval mode when it has norm layers or dropout: one example has no batch statistics, and
+    ``vmap`` refuses in-place updates of running statistics and random draws.
 
     Args:
         model: The network (``params`` replace its parameters of the same name).
@@ -31,11 +35,14 @@ def per_example_grad_sq(
         loss_fn: Loss of one example: ``loss_fn(output (1, …), target (1, …))`` → scalar.
         x: Inputs (B, …).
         y: Targets (B, …).
+        buffers: name → tensor of buffers to use instead of the model's own (e.g. one task's norm statistics);
+            not differentiated.
     """
     detached = {n: p.detach() for n, p in params.items()}
+    fixed = dict(buffers or {})
 
     def loss_one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, p, (xi.unsqueeze(0),), strict=False)
+        out = functional_call(model, {**fixed, **p}, (xi.unsqueeze(0),), strict=False)
         return loss_fn(out, yi.unsqueeze(0))
 
     grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(detached, x, y)

@@ -1,7 +1,7 @@
 """Continual learning with task-conditioned hypernetworks (von Oswald, Henning, Grewe, Sacramento, ICLR 2020).
 
 A hypernetwork h(e, θ) maps a learned task embedding e^(t) to the weights of a target MLP. Training task T
-minimizes (Eq. 2)
+minimizes (Eq. 2)::
 
     L = L_task(h(e^(T), θ)) + β · R(θ),   R = 1/|S| Σ_{t∈S} ‖h(e^(t), θ*) − h(e^(t), θ + Δθ)‖²
 
@@ -68,6 +68,7 @@ from hyperlit.continual.regularizer import (
     sample_previous_tasks,
     stored_targets_bytes,
 )
+from hyperlit.continual.targets import TaskNormStats, check_outputs, check_target, head_parameter_names, prepare_heads
 from hyperlit.models.mlp import MLP
 from hyperlit.nn.functional import batched_call, call_with_weights
 from hyperlit.nn.hypernet import HyperNetwork
@@ -77,52 +78,6 @@ __all__ = ["HyperContinualModule"]
 
 Heads = Literal["generated", "multihead", "separate"]
 NanPolicy = Literal["raise", "skip"]
-
-_NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def _norm_stat_names(target: nn.Module) -> list[str]:
-    """Buffer names of the running statistics of every norm layer of ``target`` that tracks them."""
-    names = []
-    for prefix, mod in target.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
-            for buf in _NORM_STATS:
-                if getattr(mod, buf, None) is not None:
-                    names.append(f"{prefix}.{buf}" if prefix else buf)
-    return names
-
-
-def _last_layer(target: nn.Module) -> tuple[str, nn.Module]:
-    """Name and module of the last leaf module (in registration order) that holds parameters."""
-    leaves = [(n, m) for n, m in target.named_modules() if next(m.parameters(recurse=False), None) is not None]
-    if not leaves:
-        raise ValueError("the target network has no parameters to generate")
-    return leaves[-1]
-
-
-def _prepare_heads(target: nn.Module, heads: str, num_tasks: int, output_dim: int) -> str:
-    """Give a user target one output slice per task (``multihead``/``separate``); return its head's name."""
-    name, layer = _last_layer(target)
-    if heads == "generated":
-        return name
-    if not isinstance(layer, nn.Linear):
-        raise ValueError(
-            f"heads={heads!r} needs a target whose last layer with parameters is an nn.Linear (one output slice per "
-            f"task); the target's last one is {name!r} ({type(layer).__name__}). Use heads='generated', or end the "
-            "target with an nn.Linear"
-        )
-    wide = num_tasks * output_dim
-    if layer.out_features == wide:
-        return name
-    if layer.out_features != output_dim:
-        raise ValueError(
-            f"heads={heads!r}: the target's last layer {name!r} has {layer.out_features} outputs; give it "
-            f"output_dim={output_dim} outputs (widened to num_tasks·output_dim={wide}) or {wide} outputs"
-        )
-    new = nn.Linear(layer.in_features, wide, bias=layer.bias is not None).to(layer.weight)
-    parent, _, child = name.rpartition(".")
-    setattr(target.get_submodule(parent) if parent else target, child, new)
-    return name
 
 
 class HyperContinualModule(ContinualModule):
@@ -146,7 +101,7 @@ class HyperContinualModule(ContinualModule):
         init_bias_from_target: Start the (full) hypernetwork's output bias at the target's default init.
         beta: Regularization strength β (0 gives the fine-tuning baseline).
         reg_num_tasks: Regularize k random previous tasks per step (``None``: all).
-        online_targets: Compute targets from a frozen θ* every step (memory |θ|) instead of storing them
+        online_targets: Compute targets from a frozen θ* every step (memory ``|θ|``) instead of storing them
             (memory (T−1)·P); both are reported as ``cl/target_memory_bytes``.
         lookahead: ``none`` (default; hypnettorch) | ``sgd`` | ``adam`` (the paper's, detached).
         train_old_embeddings: Let the regularizer move earlier tasks' embeddings.
@@ -166,6 +121,8 @@ class HyperContinualModule(ContinualModule):
         target: The target network (any ``nn.Module``; see the module docstring); ``None``: the MLP built from
             ``input_dim``, ``hidden`` and ``activation``.
     """
+
+    divergence_hint = "lower the learning rate or set grad_clip"
 
     def __init__(
         self,
@@ -204,8 +161,8 @@ class HyperContinualModule(ContinualModule):
         if heads not in ("generated", "multihead", "separate"):
             raise ValueError(f"heads must be 'generated', 'multihead' or 'separate', got {heads!r}")
         self.check_nan_policy(nan_policy)
-        if target is not None and not isinstance(target, nn.Module):
-            raise TypeError(f"target must be an nn.Module (or None for the built-in MLP), got {type(target).__name__}")
+        if target is not None:
+            check_target(target, type(self).__name__)
         if lookahead not in ("none", "sgd", "adam"):
             raise ValueError(f"lookahead must be 'none', 'sgd' or 'adam', got {lookahead!r}")
         if beta < 0:
@@ -224,21 +181,10 @@ class HyperContinualModule(ContinualModule):
         if target is None:
             target = MLP(input_dim, hidden, output_dim * self.num_heads, activation)
         else:
-            lazy = [n for n, p in target.named_parameters() if nn.parameter.is_lazy(p)]
-            if lazy:
-                raise ValueError(
-                    f"the target has uninitialized (lazy) parameters {lazy}: run it once on an example batch "
-                    "before giving it to HyperContinualModule"
-                )
             target.requires_grad_(True)  # every parameter is generated (but the separate heads)
-            _prepare_heads(target, heads, num_tasks, output_dim)
+            prepare_heads(target, heads, "generated", num_tasks, output_dim)
         self.target = target
-        head_prefix = _last_layer(self.target)[0]
-        self.head_names = [
-            n
-            for n, _ in self.target.named_parameters()
-            if (n.startswith(head_prefix + ".") if head_prefix else "." not in n)
-        ]
+        self.head_names = head_parameter_names(self.target)
         self.hnet = HyperNetwork(
             self.target,
             cond_dim=emb_dim,
@@ -254,14 +200,8 @@ class HyperContinualModule(ContinualModule):
         for name, p in self.target.named_parameters():
             p.requires_grad_(name not in self.hnet.shapes)
         # running statistics of norm layers: one copy per task (T, *shape), read and updated through views
-        self.norm_stat_names = _norm_stat_names(self.target)
-        self.task_norm_stats = nn.Module()
-        buffers = dict(self.target.named_buffers())
-        for name in self.norm_stat_names:
-            stat = buffers[name].detach()
-            self.task_norm_stats.register_buffer(
-                name.replace(".", "__"), stat.unsqueeze(0).repeat(num_tasks, *([1] * stat.dim())).clone()
-            )
+        self.task_norm_stats = TaskNormStats(self.target, num_tasks)
+        self.norm_stat_names = self.task_norm_stats.names
         self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
         self.task_embeddings = nn.Parameter(torch.randn(num_tasks, emb_dim) * emb_init_std)
         p_gen = self.hnet.num_target_params
@@ -304,18 +244,10 @@ class HyperContinualModule(ContinualModule):
 
     def _norm_stats(self, tasks: int | Tensor) -> dict[str, Tensor]:
         """Norm statistics of ``tasks``: views for one task (training updates them in place), (K, …) for K tasks."""
-        return {n: getattr(self.task_norm_stats, n.replace(".", "__"))[tasks] for n in self.norm_stat_names}
+        return self.task_norm_stats.of(tasks)
 
     def _check_outputs(self, out: Any) -> Tensor:
-        want = self.num_heads * self.output_dim
-        if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[-1] != want:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"the target network returns {shape}; heads={self.hparams.heads!r} needs {want} outputs per example "
-                f"(num_heads={self.num_heads} × output_dim={self.output_dim}): set output_dim to the outputs per task "
-                "or change the target's last layer"
-            )
-        return out
+        return check_outputs(out, self.hparams.heads, self.num_heads, self.output_dim)
 
     def _select_head(self, out: Tensor, tasks: Tensor) -> Tensor:
         """(K, B, H·C) outputs → (K, B, C) outputs of each row's task head."""
@@ -388,22 +320,6 @@ class HyperContinualModule(ContinualModule):
             raise RuntimeError(f"stored targets cover {len(self.reg_targets)} tasks, need {task}")
         return regularization_loss(self.hnet, emb, targets=self.reg_targets[ids], delta=named_delta)
 
-    def _finite_or_handle(self, value: Tensor, x: Tensor, task: int) -> bool:
-        """Whether ``value`` is finite on every rank; if not, raise or (``nan_policy='skip'``) warn and count."""
-        if self.all_ranks(torch.isfinite(value).all()):
-            return True
-        cause = (
-            "the batch's input features contain NaN/inf"
-            if not bool(torch.isfinite(x).all())
-            else "the inputs are finite (diverging training? lower the learning rate or set grad_clip)"
-        )
-        msg = (
-            f"non-finite loss {value.detach().cpu().tolist()} at training step {int(self.total_steps)} "
-            f"(batch {int(self.step_in_task)} of task {task}, epoch {self.current_epoch}): {cause}"
-        )
-        self.skip_or_raise(msg)
-        return False
-
     @override
     def train_on_batch(self, x: Tensor, y: Tensor, task: int) -> dict[str, Tensor]:
         hp = self.hparams
@@ -412,7 +328,7 @@ class HyperContinualModule(ContinualModule):
         opt_emb.zero_grad()
         saved = None
         if self.nan_policy == "skip" and self.norm_stat_names:  # a skipped step must not leave NaN statistics
-            saved = {n: s.clone() for n, s in self._norm_stats(task).items()}
+            saved = self.task_norm_stats.save(task)
         loss_task = self.task_loss(self(x, task), y)
         logs = {"loss": loss_task, "loss_task": loss_task}
         if hp.beta > 0 and task > 0:
@@ -429,8 +345,8 @@ class HyperContinualModule(ContinualModule):
         else:
             self.manual_backward(loss_task)
         # one check (one host sync) per step, before any parameter changes
-        if not self._finite_or_handle(logs["loss"], x, task):
-            self._restore_norm_stats(task, saved)
+        if not self.finite_or_handle(logs["loss"], x, task):
+            self.task_norm_stats.restore(task, saved)
             return logs
         if hp.grad_clip is not None:  # one norm over both optimizers' parameters
             params = [*self.hnet.parameters(), *self.task_specific_parameters()]
@@ -438,12 +354,6 @@ class HyperContinualModule(ContinualModule):
         opt_hnet.step()
         opt_emb.step()
         return logs
-
-    @torch.no_grad()
-    def _restore_norm_stats(self, task: int, saved: dict[str, Tensor] | None) -> None:
-        if saved is not None:
-            for name, stat in self._norm_stats(task).items():
-                stat.copy_(saved[name])
 
     # -- metrics & checkpointing ---------------------------------------------------------------------------------
     def weight_drift(self) -> Tensor:
@@ -463,13 +373,6 @@ class HyperContinualModule(ContinualModule):
         for j, d in enumerate(drift):
             logs[f"cl/drift_task_{j}"] = d
         return logs
-
-    @override
-    def datamodule_dims(self) -> dict[str, str]:
-        dims = super().datamodule_dims()
-        if self.user_target:  # input_dim sizes only the built-in MLP
-            dims.pop("input_dim")
-        return dims
 
     @override
     def checkpoint_identity(self) -> dict[str, Any]:

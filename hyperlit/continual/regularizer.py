@@ -1,6 +1,6 @@
 """The output regularizer of task-conditioned hypernetworks (von Oswald et al., ICLR 2020, Eq. 2), vectorized.
 
-While task T is trained, the hypernetwork h(e, θ) is kept from changing its output for earlier tasks:
+While task T is trained, the hypernetwork h(e, θ) is kept from changing its output for earlier tasks::
 
     R(θ) = 1/|S| · Σ_{t ∈ S} ‖ h(e^(t), θ*) − h(e^(t), θ + Δθ) ‖²₂ ,   S ⊆ {0, …, T−1}
 
@@ -10,11 +10,11 @@ is a *sum* over all generated weights and the result is a *mean* over the regula
 ``hypnettorch.utils.hnet_regularizer.calc_fix_target_reg``; the caller multiplies by β.
 
 Unlike the reference implementation (one hypernetwork call per previous task in a Python loop), every
-regularized task is generated in **one** batched call ``h(E_S, θ)`` of shape (|S|, P) (a chunked hypernetwork
-batches |S| × #chunks rows), so a step costs about the same for 2 or 50 previous tasks.
+regularized task is generated in **one** batched call ``h(E_S, θ)`` of shape ``(|S|, P)`` (a chunked hypernetwork
+batches ``|S|`` × #chunks rows), so a step costs about the same for 2 or 50 previous tasks.
 
 Targets h(e^(t), θ*) are either *stored* — a (T−1, P) tensor computed once per task boundary, (T−1)·P·4 bytes —
-or computed *online* from a frozen copy of θ* and of the embeddings, |θ| + T·d floats, at the cost of one extra
+or computed *online* from a frozen copy of θ* and of the embeddings, ``|θ|`` + T·d floats, at the cost of one extra
 no-grad hypernetwork call per step (:func:`stored_targets_bytes`, :func:`online_targets_bytes`).
 """
 

@@ -45,6 +45,7 @@ __all__ = [
     "lm_training_loss",
 ]
 
+#: The seven hyperparameters of the STN LSTM language model (AWD-LSTM names), in this order.
 LM_HPARAMS = ("alpha", "beta", "dropouto", "dropouti", "dropouth", "dropoute", "wdrop")
 _PER_BATCH = ("alpha", "beta", "dropoute", "wdrop")  # official ``minibatch=False``
 

@@ -35,7 +35,7 @@ def batched_call(
 
     Args:
         target: The target module (stateless apart from ``weights``; batch-norm running stats are not updated).
-        weights: name → (K, *shape) tensors.
+        weights: name → ``(K, *shape)`` tensors.
         x: The input, shared by all K weight sets (``shared_input``) or (K, …) with one input per weight set.
         chunk_size: Passed to ``vmap`` to bound memory.
 

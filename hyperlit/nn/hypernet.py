@@ -3,7 +3,7 @@
 One component serves all three method families (see ``DESIGN.md``): the *condition* is a hyperparameter
 vector λ (Lorraine & Duvenaud 2018), a preference ray r (Navon et al. 2021) or a task embedding e
 (von Oswald et al. 2020). Conditions are batched: ``forward`` takes (K, cond_dim) and returns, for every target
-tensor, a (K, *shape) tensor, so K rays / λ samples / tasks cost one call.
+tensor, a ``(K, *shape)`` tensor, so K rays / λ samples / tasks cost one call.
 
 Architectures (all one module, chosen by arguments):
 
@@ -165,13 +165,13 @@ class HyperNetwork(nn.Module):
         return out.squeeze(0) if squeeze else out
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Split (…, num_target_params) into a dict of (…, *shape) tensors in target order."""
+        """Split (…, num_target_params) into a dict of ``(…, *shape)`` tensors in target order."""
         lead = flat.shape[:-1]
         parts = torch.split(flat, self.numels, dim=-1)
         return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes.values())}
 
     def forward(self, cond: Tensor) -> dict[str, Tensor]:
-        """Generated target parameters: name → (K, *shape), or (*shape) for a single condition vector."""
+        """Generated target parameters: name → ``(K, *shape)``, or ``(*shape)`` for a single condition vector."""
         return self.unflatten(self.flat(cond))
 
     @torch.no_grad()

@@ -166,7 +166,7 @@ class StnLayer(nn.Module):
 class StnLinear(StnLayer):
     """``nn.Linear`` with a structured best response (STN eq. 9).
 
-    Input ``x`` of shape (B, *, in_features); hypernetwork input (B, hdim). Parameter names ``weight``/``bias``
+    Input ``x`` of shape ``(B, *, in_features)``; hypernetwork input (B, hdim). Parameter names ``weight``/``bias``
     match ``nn.Linear``, so a plain layer's ``state_dict`` loads with ``strict=False``.
     """
 

@@ -274,7 +274,7 @@ class StnLSTM(StnLayer, _LSTMBase):
     """One best-response LSTM layer (time first) with DropConnect on the hidden-to-hidden weights.
 
     ``V`` maps λ̃_b to ``[s_ih, s_hh, a_ih, a_hh]`` (each 4·hidden): weight and bias scales of the input-to-hidden
-    and hidden-to-hidden responses (official ``HyperLSTMCell`` = two ``HyperLinear``s without ``elem_scalar``).
+    and hidden-to-hidden responses (official ``HyperLSTMCell`` = two ``HyperLinear`` layers without ``elem_scalar``).
 
     Args:
         input_size: Width of the input.

@@ -1,12 +1,13 @@
 """Pareto HyperNetworks (Navon et al. 2021): one hypernetwork for the whole Pareto front.
 
-* :mod:`hyperlit.pareto.module` — :class:`ParetoHyperNetModule` (PHN-LS / PHN-EPO).
-* :mod:`hyperlit.pareto.baselines` — :class:`ParetoBaselineModule`, one target network per ray (LS / EPO).
+* :mod:`hyperlit.pareto.module` — :class:`~hyperlit.pareto.module.ParetoHyperNetModule` (PHN-LS / PHN-EPO).
+* :mod:`hyperlit.pareto.baselines` — :class:`~hyperlit.pareto.baselines.ParetoBaselineModule`, one target network
+  per ray (LS / EPO).
 * :mod:`hyperlit.pareto.solvers` — linear scalarization and the EPO LP (Lightning-free).
 * :mod:`hyperlit.pareto.objectives` — BCE, relaxed and hard FPR/FNR fairness gaps, multi-task CE.
 * :mod:`hyperlit.pareto.metrics` — rays, hypervolume, uniformity (functional).
-* :mod:`hyperlit.pareto.front_metric` — :class:`FrontStatistics`, the front of a whole split as a
-  ``torchmetrics.Metric`` (summed over DDP ranks).
+* :mod:`hyperlit.pareto.front_metric` — :class:`~hyperlit.pareto.front_metric.FrontStatistics`, the front of a
+  whole split as a ``torchmetrics.Metric`` (summed over DDP ranks).
 """
 
 from hyperlit.pareto.baselines import ParetoBaselineModule

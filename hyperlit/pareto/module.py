@@ -275,10 +275,11 @@ class ParetoModuleBase(HyperlitModule):
             return
         # this rank's losses of the step (the split-level values are the val/test front metrics)
         logs = {f"train/{n}": losses[:, j].mean().detach() for j, n in enumerate(self.objective_set.names)}
-        logs["train/loss"] = out.loss.detach()
         if self.solver.name == "epo":
             logs["train/epo_fallbacks"] = self.epo_fallbacks.float()
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
+        # the progress bar shows the scalarized loss of the step (this rank's, like the values above)
+        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=False, batch_size=batch_size, prog_bar=True)
 
     def all_reduce_for_epo(self, losses: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
         """DDP hook for EPO: the mean over ranks of the (K, m) losses and (K, m, P) per-objective gradients.
@@ -299,7 +300,7 @@ class ParetoModuleBase(HyperlitModule):
         raise NotImplementedError
 
     def front_metric(self, rays: Tensor | None = None, **kwargs: Any) -> FrontStatistics:
-        """A fresh :class:`FrontStatistics` of this module's objectives at ``rays`` (default: ``front_rays``)."""
+        """A fresh :class:`~hyperlit.pareto.front_metric.FrontStatistics` of this module's objectives at ``rays`` (default: ``front_rays``)."""
         rays = self.front_rays if rays is None else rays
         return FrontStatistics(self.objective_set, rays, self.ref_point, hard=self.eval_metric == "hard", **kwargs)
 
@@ -343,7 +344,9 @@ class ParetoModuleBase(HyperlitModule):
         logs = {f"{stage}/{k}": v for k, v in front.scalars().items()}
         # the values are already the whole split's and equal on every rank; a max "sync" of equal values returns
         # them bit for bit (a mean might not) and tells Lightning they are reduced
+        hv = logs.pop(f"{stage}/hv")
         self.log_dict(logs, prog_bar=False, sync_dist=True, reduce_fx="max")
+        self.log(f"{stage}/hv", hv, prog_bar=True, sync_dist=True, reduce_fx="max")  # shown on the progress bar
         self.last_front = front
         return front
 
@@ -367,7 +370,7 @@ class ParetoModuleBase(HyperlitModule):
 
     @staticmethod
     def gather_predictions(outputs: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Join the per-batch outputs of ``trainer.predict`` (dicts of :meth:`predict_step`) along the batch axis.
+        """Join the per-batch outputs of ``trainer.predict`` (dicts of :meth:`~ParetoHyperNetModule.predict_step`) along the batch axis.
 
         ``{"ray": (m,), "predictions": (N, …)}`` or ``{"rays": (R, m), "predictions": (R, N, …)}``.
         """
@@ -387,7 +390,7 @@ class ParetoModuleBase(HyperlitModule):
     ) -> FrontEvaluation:
         """Front on every batch of ``dataloader`` at ``rays`` (default: the evaluation rays); no Trainer needed.
 
-        The same :class:`FrontStatistics` as validation, in this process only (``sync_on_compute=False``): under
+        The same :class:`~hyperlit.pareto.front_metric.FrontStatistics` as validation, in this process only (``sync_on_compute=False``): under
         DDP use the Trainer's ``validate``/``test``, which sum the statistics over ranks.
         """
         self._require_built()
@@ -567,7 +570,7 @@ class ParetoHyperNetModule(ParetoModuleBase):
     # -- weights for rays ------------------------------------------------------------------------------------
     @override
     def weights_for_rays(self, rays: Tensor) -> dict[str, Tensor]:
-        """Generated target weights, name → (K, *shape), for (K, m) rays."""
+        """Generated target weights, name → ``(K, *shape)``, for (K, m) rays."""
         self._require_built()
         assert self.hnet is not None
         return self.hnet(rays.to(self.device, torch.float32))
@@ -630,7 +633,7 @@ class ParetoHyperNetModule(ParetoModuleBase):
         """Predictions (``objective_set.predict``, e.g. probabilities) of the networks of the prediction ray(s).
 
         Returns ``{"ray": (m,), "predictions": (B, …)}`` for ``predict_ray``, or ``{"rays": (R, m),
-        "predictions": (R, B, …)}`` for ``predict_rays``; :meth:`gather_predictions` joins the batches of
+        "predictions": (R, B, …)}`` for ``predict_rays``; :meth:`~ParetoModuleBase.gather_predictions` joins the batches of
         ``trainer.predict``.
         """
         if self._predict_ray is not None and self._predict_rays is not None:

@@ -61,7 +61,7 @@ from hyperlit.tuning.metrics import weighted_mean
 
 __all__ = ["SIGMA_COLUMN", "SIGMA_KEY", "BilevelModule"]
 
-#: prefix of the logged σ values: the perturbation std on the unconstrained scale (``sigma_unconstrained/<name>``)
+#: prefix of the logged σ values, the perturbation std on the unconstrained scale (``sigma_unconstrained/<name>``)
 SIGMA_KEY = "sigma_unconstrained/"
 #: prefix of the σ columns of the schedule CSV (``sigma_unconstrained_<name>``)
 SIGMA_COLUMN = "sigma_unconstrained_"

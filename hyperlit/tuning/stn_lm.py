@@ -75,8 +75,8 @@ class LanguageModelEvaluation:
     The cross-entropy of an evaluation split is a ``torchmetrics.MeanMetric`` weighted by each window's token
     count, computed (and so reduced over DDP ranks) at the epoch's end: ``val/loss`` is the cross-entropy per token
     of the whole split, ``val/ppl = exp(val/loss)``, on every rank. The host class provides ``self.net`` (an
-    :class:`StnLSTMLanguageModel`), ``eval_forward(inputs, state)`` and the attributes ``nonmono`` and
-    ``lr_decay``.
+    :class:`~hyperlit.models.stn_lstm_lm.StnLSTMLanguageModel`), ``eval_forward(inputs, state)`` and the
+    attributes ``nonmono`` and ``lr_decay``.
     """
 
     net: StnLSTMLanguageModel

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hyperlit.continual import HyperContinualModule
-from tests.continual.conftest import TinyTasks, optimizers
+from hyperlit.continual import EWCContinualModule, HyperContinualModule
+from tests.continual.conftest import TinyTasks, adam, optimizers
 
 Trainers = Callable[..., pl.Trainer]
 
@@ -153,8 +153,59 @@ def test_test_results_under_ddp_match_one_process(make_trainer: Trainers) -> Non
     m = _module(num_tasks=2, hnet_optimizer=adam, emb_optimizer=adam)
     dm = TinyTasks(num_tasks=2, steps_per_task=3, num_eval=9, eval_batch_size=4)
     make_trainer(max_epochs=2).fit(m, dm)
-    single = make_trainer().test(m, dm, verbose=False)
-    ddp = make_trainer(devices=2, strategy="ddp_spawn").test(m, dm, verbose=False)
-    assert [sorted(r) for r in ddp] == [sorted(r) for r in single]
-    for a, b in zip(ddp, single):
-        assert a == pytest.approx(b, abs=1e-6)
+    for stage in ("test", "validate"):
+        single = getattr(make_trainer(), stage)(m, dm, verbose=False)
+        ddp = getattr(make_trainer(devices=2, strategy="ddp_spawn"), stage)(m, dm, verbose=False)
+        assert [sorted(r) for r in ddp] == [sorted(r) for r in single] and len(single[0]) == 1
+        for a, b in zip(ddp, single):
+            assert a == pytest.approx(b, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["hypernetwork", "ewc"])
+def test_progress_bar_shows_loss_task_and_mean_accuracy(kind: str, make_trainer: Trainers) -> None:
+    pl.seed_everything(0)
+    if kind == "hypernetwork":
+        m: HyperContinualModule | EWCContinualModule = _module()
+    else:
+        m = EWCContinualModule(
+            num_tasks=2, input_dim=4, output_dim=2, hidden=(8,), fisher_every=1, optimizer=adam(1e-2)
+        )
+    trainer = make_trainer(max_epochs=2, log_every_n_steps=1)
+    trainer.fit(m, TinyTasks(steps_per_task=3))
+    bar = trainer.progress_bar_metrics
+    assert set(bar) == {"train/loss", "train/task", "val/acc_mean_seen"}, bar
+    assert bar["train/task"] == 1.0  # the task being trained
+    assert bar["val/acc_mean_seen"] == pytest.approx(float(m.acc_matrix[1, :2].mean()))
+    assert bar["train/loss"] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+    assert "val/acc_task_0" in trainer.callback_metrics and "train/loss_task" in trainer.callback_metrics
+
+
+def test_validate_results_are_per_dataloader(make_trainer: Trainers) -> None:
+    """A standalone ``validate`` logs like ``test``: task j's accuracy only in column j (the values of row T−1 of
+    the accuracy matrix that fit's last validation wrote), the means once, in the last column; R is not changed."""
+    pl.seed_everything(0)
+    m = _module(num_tasks=3)
+    dm = TinyTasks(num_tasks=3, steps_per_task=3, num_eval=10, eval_batch_size=4)
+    trainer = make_trainer(max_epochs=3)
+    trainer.fit(m, dm)
+    matrix = m.acc_matrix.clone()
+    results = trainer.validate(m, dm, verbose=False)
+    assert len(results) == 3 and len({frozenset(r.items()) for r in results}) == 3
+    means = {"val/acc_mean_seen", "val/acc_inferred_mean_seen", "val/task_inference_acc"}
+    for j, res in enumerate(results):
+        assert {k for k in res if "_task_" in k} == {f"val/acc_task_{j}"}
+        assert res[f"val/acc_task_{j}"] == pytest.approx(float(matrix[2, j]))
+        assert bool(means & res.keys()) == (j == 2)
+    assert len({r[f"val/acc_task_{j}"] for j, r in enumerate(results)}) > 1  # not one number repeated
+    assert results[2]["val/acc_mean_seen"] == pytest.approx(float(matrix[2].mean()))
+    assert results[2]["val/task_inference_acc"] == pytest.approx(float(m.task_inference_matrix[2].mean()))
+    torch.testing.assert_close(m.acc_matrix, matrix, rtol=0, atol=0, equal_nan=True)
+    assert len(trainer.test(m, dm, verbose=False)) == 3  # evaluation after validate still works
+
+    partial = _module(num_tasks=3)  # one task trained: only its column and the means
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(partial, dm)
+    results = trainer.validate(partial, dm, verbose=False)
+    assert [sorted(r) for r in results[:2]] == [["val/acc_task_0"], []]
+    assert results[2]["val/acc_mean_seen"] == pytest.approx(results[0]["val/acc_task_0"])
+    assert results[0]["val/acc_task_0"] == pytest.approx(float(partial.acc_matrix[0, 0]))

@@ -292,3 +292,23 @@ def test_checkpoint_identity_and_lazy_build() -> None:
     base = _checkpoint(ParetoBaselineModule(in_dim=5, rays=[[0.6, 0.2, 0.2], [0.2, 0.2, 0.6]]))
     with pytest.raises(CheckpointMismatchError, match="rays"):
         ParetoBaselineModule(in_dim=5, rays=[[0.2, 0.6, 0.2], [0.2, 0.2, 0.6]]).on_load_checkpoint(base)
+
+
+@pytest.mark.parametrize("kind", ["phn", "baseline"])
+def test_progress_bar_shows_the_training_loss_and_the_hypervolume(kind: str, make_trainer) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    y = torch.stack([(x[:, 0] > 0).long(), (x[:, 2] > 0).long()], -1)
+    dl = DataLoader(TensorDataset(x, y), batch_size=16)
+    common = dict(target=_TwoTaskNet(), objectives=("ce_0", "ce_1"), solver="ls", optimizer=adam(3e-3))
+    if kind == "phn":
+        model: ParetoHyperNetModule | ParetoBaselineModule = ParetoHyperNetModule(num_test_rays=5, **common)
+    else:
+        model = ParetoBaselineModule(num_rays=3, **common)
+    trainer = make_trainer(max_epochs=2, log_every_n_steps=1)
+    trainer.fit(model, dl, dl)
+    bar = trainer.progress_bar_metrics
+    assert set(bar) == {"train/loss", "val/hv"}, bar
+    assert model.last_front is not None and bar["val/hv"] == pytest.approx(model.last_front.hv, abs=1e-6)
+    assert bar["train/loss"] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+    assert "train/ce_0" in trainer.callback_metrics and "val/uniformity" in trainer.callback_metrics  # not on the bar

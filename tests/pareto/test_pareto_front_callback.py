@@ -83,3 +83,30 @@ def test_callback_draws_the_front_of_the_epoch_just_validated(
     make_trainer(max_epochs=2, num_sanity_val_steps=1, callbacks=[cb]).fit(model, loader, loader)
     assert len(drawn) == 2 and drawn[-1] is model.last_front  # one per epoch, none for the sanity check
     assert cb.last_path is not None and cb.last_path.name == "epoch_0001.png" and cb.last_path.exists()
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_labels_and_tick_labels_lie_inside_the_canvas(m: int) -> None:
+    """Long objective names and wide tick labels (values near 1234.5) stay on the saved figure (none clipped)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rays = evaluation_rays(m, n=9, n_partitions=5)
+    names = [f"objective_number_{j}" for j in range(m)]
+    front = evaluate_front(0.3 / (rays * m) + 1234.5, rays, names=names, ref_point=[3000.0] * m)
+    fig = plot_front(front, title="epoch 3")
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox
+
+    def inside(box, what: str) -> None:  # type: ignore[no-untyped-def]
+        assert box.x0 >= canvas.x0 and box.y0 >= canvas.y0, (what, box.bounds, canvas.bounds)
+        assert box.x1 <= canvas.x1 and box.y1 <= canvas.y1, (what, box.bounds, canvas.bounds)
+
+    inside(fig._suptitle.get_window_extent(renderer), "title")
+    for ax in fig.axes:  # the scatter panels and the colour bar: everything drawn (tick labels, axis labels)
+        inside(ax.get_tightbbox(renderer), f"axes {ax.get_label()!r}")
+        for axis in (ax.xaxis, ax.yaxis, getattr(ax, "zaxis", None)):
+            if axis is not None and axis.label.get_text():
+                inside(axis.label.get_window_extent(renderer), axis.label.get_text())
+    assert fig.axes[0].yaxis.label.get_text() == names[1]

@@ -135,6 +135,17 @@ class ParetoModuleBase(HyperlitModule):
 
     def _build(self, target: nn.Module | None = None) -> None:
         target = target if target is not None else self._default_target()
+        tracked = [
+            name or type(m).__name__
+            for name, m in target.named_modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        ]
+        if tracked:
+            raise ValueError(
+                f"the target's normalisation layers {tracked} track running statistics, which the weight sets of "
+                "several rays (run through torch.func.vmap) cannot update: build them with "
+                "track_running_stats=False (batch statistics) or use nn.LayerNorm"
+            )
         self._build_weights(target)
         target.requires_grad_(False)  # run functionally; its own parameters are only a template
         self.target = target

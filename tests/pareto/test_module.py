@@ -312,3 +312,19 @@ def test_progress_bar_shows_the_training_loss_and_the_hypervolume(kind: str, mak
     assert model.last_front is not None and bar["val/hv"] == pytest.approx(model.last_front.hv, abs=1e-6)
     assert bar["train/loss"] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
     assert "train/ce_0" in trainer.callback_metrics and "val/uniformity" in trainer.callback_metrics  # not on the bar
+
+
+@pytest.mark.parametrize("cls", [ParetoHyperNetModule, ParetoBaselineModule])
+def test_target_with_tracked_batchnorm_is_refused_at_setup(cls, make_trainer) -> None:
+    """BatchNorm running statistics cannot be updated by the vmapped weight sets: a clear error before any step."""
+    x, y = torch.randn(64, 6), torch.randint(0, 2, (64, 2))
+    dl = DataLoader(TensorDataset(x, y), batch_size=32)
+    target = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4), nn.Unflatten(1, (2, 2)))
+    kwargs = {"rays": [[0.5, 0.5]]} if cls is ParetoBaselineModule else {}
+    with pytest.raises(ValueError, match=r"normalisation layers \['1'\] track running statistics.*LayerNorm"):
+        model = cls(target=target, objectives=("ce_0", "ce_1"), optimizer=adam(1e-3), **kwargs)
+        make_trainer(max_epochs=1).fit(model, dl, dl)
+    target[1] = nn.BatchNorm1d(8, track_running_stats=False)  # batch statistics only: accepted and trained
+    model = cls(target=target, objectives=("ce_0", "ce_1"), optimizer=adam(1e-3), **kwargs)
+    make_trainer(max_epochs=1).fit(model, dl, dl)
+    assert model.last_front is not None

@@ -53,12 +53,13 @@ from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
 from hyperlit.base import HyperlitModule
-from hyperlit.continual.metrics import summarize
+from hyperlit.continual.metrics import entropy_task_inference, summarize
 from hyperlit.continual.scores import TaskScores
 
 __all__ = ["ContinualModule"]
 
 TaskType = Literal["classification", "regression"]
+PredictTask = int | Literal["batch", "infer"]
 
 
 class _ScoreView(Metric):
@@ -97,9 +98,18 @@ class ContinualModule(HyperlitModule):
         task_type: ``classification`` (cross-entropy, accuracy) or ``regression`` (MSE; R holds MSE).
         infer_task: Also evaluate with the task inferred by minimum predictive entropy over all seen tasks
             (classification only).
+        predict_task: The task :meth:`predict_step` predicts for: ``"batch"`` (the id each batch carries,
+            ``(x, y, task)`` or a dict), a task id (every batch, which may then be ``x``, ``(x,)`` or ``(x, y)``),
+            or ``"infer"`` (per example, the trained task of lowest predictive entropy, HNET+ENT; classification).
     """
 
-    def __init__(self, num_tasks: int, task_type: TaskType = "classification", infer_task: bool = True) -> None:
+    def __init__(
+        self,
+        num_tasks: int,
+        task_type: TaskType = "classification",
+        infer_task: bool = True,
+        predict_task: PredictTask = "batch",
+    ) -> None:
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
@@ -108,6 +118,15 @@ class ContinualModule(HyperlitModule):
         self.num_tasks = num_tasks
         self.task_type = task_type
         self.infer_task = infer_task and task_type == "classification"
+        if isinstance(predict_task, bool) or not (
+            predict_task in ("batch", "infer") or (isinstance(predict_task, int) and 0 <= predict_task < num_tasks)
+        ):
+            raise ValueError(
+                f"predict_task must be 'batch', 'infer' or a task id in 0..{num_tasks - 1}, got {predict_task!r}"
+            )
+        if predict_task == "infer" and task_type != "classification":
+            raise ValueError("predict_task='infer' picks tasks by predictive entropy: classification tasks only")
+        self.predict_task = predict_task
         nan = torch.full((num_tasks, num_tasks), math.nan)
         self.register_buffer("current_task", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("step_in_task", torch.tensor(0, dtype=torch.long))
@@ -424,11 +443,35 @@ class ContinualModule(HyperlitModule):
         metric.reset()
 
     @override
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """Outputs (B, C) for the batch's task (task identity given)."""
-        x, _, task = self._unpack(batch)
-        self._check_task_id(task)
-        return self.task_outputs(x, torch.tensor([task], device=x.device))[0]
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | dict[str, Tensor]:
+        """Outputs (B, C) for the task chosen by ``predict_task``; with ``"infer"`` a dict of the outputs of the
+        inferred task per example (``output``) and that task (``task``), over the tasks trained so far."""
+        if self.predict_task == "batch":
+            x, _, task = self._unpack(batch)
+            self._check_task_id(task)
+            return self.task_outputs(x, torch.tensor([task], device=x.device))[0]
+        x = self._predict_inputs(batch)
+        if self.predict_task == "infer":
+            seen = self.task + 1
+            if seen < 1:
+                raise RuntimeError("predict_task='infer' chooses among the trained tasks, but no task is trained yet")
+            candidates = self.task_outputs(x, torch.arange(seen, device=x.device))  # (K, B, C), one pass
+            task, _ = entropy_task_inference(candidates)
+            return {"output": candidates[task, torch.arange(x.shape[0], device=x.device)], "task": task}
+        return self.task_outputs(x, torch.tensor([int(self.predict_task)], device=x.device))[0]
+
+    @staticmethod
+    def _predict_inputs(batch: Any) -> Tensor:
+        """The inputs of a predict batch without a task id: ``x``, ``(x, ...)`` or a dict with ``x``."""
+        if isinstance(batch, Tensor):
+            return batch
+        if isinstance(batch, dict) and "x" in batch:
+            return batch["x"]
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+            return batch[0]
+        raise ValueError(
+            f"a predict batch is x, a tuple/list starting with x, or a dict with key 'x'; got a {type(batch).__name__}"
+        )
 
     def cl_summary(self) -> dict[str, float]:
         """During/final means, backward transfer and forgetting of the accuracy matrix (plus inference scores)."""

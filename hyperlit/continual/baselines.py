@@ -17,7 +17,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hyperlit.continual.base import ContinualModule, TaskType
+from hyperlit.continual.base import ContinualModule, PredictTask, TaskType
 from hyperlit.continual.ewc import ewc_penalty, per_example_grad_sq
 from hyperlit.continual.module import HyperContinualModule
 from hyperlit.continual.regularizer import ParameterSnapshot
@@ -75,6 +75,8 @@ class EWCContinualModule(ContinualModule):
         optimizer: Optimizer of the network's parameters (default Adam(lr=1e-3)); its state is cleared at every
             task start.
         infer_task: Also evaluate with the task inferred by minimum predictive entropy over the heads.
+        predict_task: What ``predict_step`` predicts for: ``"batch"`` (each batch's task id), a task id, or
+            ``"infer"`` (the trained task of lowest predictive entropy per example); see :class:`~hyperlit.continual.base.ContinualModule`.
         nan_policy: On a non-finite loss (NaN/inf input features, divergence): ``raise`` a ``FloatingPointError``
             naming the step and the task, or ``skip`` that step (no update, no Fisher estimate, a warning, counted
             in ``skipped_steps``). Every DDP rank takes the same decision.
@@ -99,10 +101,11 @@ class EWCContinualModule(ContinualModule):
         fisher_every: int = 10,
         optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=1e-3),
         infer_task: bool = True,
+        predict_task: PredictTask = "batch",
         nan_policy: Literal["raise", "skip"] = "raise",
         target: nn.Module | None = None,
     ) -> None:
-        super().__init__(num_tasks=num_tasks, task_type=task_type, infer_task=infer_task)
+        super().__init__(num_tasks=num_tasks, task_type=task_type, infer_task=infer_task, predict_task=predict_task)
         self.save_hyperparameters(ignore=["target"])
         if heads not in ("multihead", "shared"):
             raise ValueError(f"heads must be 'multihead' or 'shared', got {heads!r}")

@@ -56,7 +56,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hyperlit.continual.base import ContinualModule, TaskType
+from hyperlit.continual.base import ContinualModule, PredictTask, TaskType
 from hyperlit.continual.metrics import compression_ratio, weight_drift
 from hyperlit.continual.regularizer import (
     Lookahead,
@@ -112,6 +112,8 @@ class HyperContinualModule(ContinualModule):
         grad_clip: Clip the gradient norm, joint over θ and the task-specific parameters, to this value (``None``:
             no clipping).
         infer_task: Also evaluate with the task inferred by minimum predictive entropy.
+        predict_task: What ``predict_step`` predicts for: ``"batch"`` (each batch's task id), a task id, or
+            ``"infer"`` (the trained task of lowest predictive entropy per example); see :class:`~hyperlit.continual.base.ContinualModule`.
         track_drift: Keep each task's generated weights at the end of its training (T·P floats) and log how far
             they drift afterwards.
         reg_seed: Seed of the generator that draws the regularized subset (same on every process).
@@ -151,12 +153,13 @@ class HyperContinualModule(ContinualModule):
         emb_optimizer: OptimizerCallable = lambda p: torch.optim.Adam(p, lr=1e-3),
         grad_clip: float | None = None,
         infer_task: bool = True,
+        predict_task: PredictTask = "batch",
         track_drift: bool = True,
         reg_seed: int = 0,
         nan_policy: NanPolicy = "raise",
         target: nn.Module | None = None,
     ) -> None:
-        super().__init__(num_tasks=num_tasks, task_type=task_type, infer_task=infer_task)
+        super().__init__(num_tasks=num_tasks, task_type=task_type, infer_task=infer_task, predict_task=predict_task)
         self.save_hyperparameters(ignore=["target"])
         if heads not in ("generated", "multihead", "separate"):
             raise ValueError(f"heads must be 'generated', 'multihead' or 'separate', got {heads!r}")

@@ -100,6 +100,7 @@ def hnet_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         emb_optimizer=adam(args),
         heads="multihead",
         hnet_hidden=tuple(args.hnet_hidden),
+        hnet_activation=args.hnet_activation,
         chunk_size=args.chunk_size,
         chunk_emb_dim=args.chunk_emb,
         emb_dim=args.temb,
@@ -139,6 +140,7 @@ def build_hypnettorch(args: argparse.Namespace, seed: int) -> tuple[Any, Any]:
         chunk_emb_size=args.chunk_emb,
         cond_in_size=args.temb,
         layers=tuple(args.hnet_hidden),
+        activation_fn={"relu": torch.nn.ReLU(), "elu": torch.nn.ELU()}[args.hnet_activation],
         num_cond_embs=args.tasks,
         verbose=False,
     )
@@ -388,6 +390,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.05, help="output-regularizer strength β")
     parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100], help="target MLP hidden sizes")
     parser.add_argument("--hnet_hidden", type=int, nargs="+", default=[100, 75, 50])
+    parser.add_argument("--hnet_activation", choices=["relu", "elu"], default="relu", help="the paper's PM-10: elu")
     parser.add_argument("--chunk_size", type=int, default=2000)
     parser.add_argument("--chunk_emb", type=int, default=12)
     parser.add_argument("--temb", type=int, default=64)

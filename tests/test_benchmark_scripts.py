@@ -26,6 +26,8 @@ SCRIPTS = [
     ("cl_regularizer_benchmark.py", [], False, "ours T=50 / ours T=2"),
     ("cl_permuted_mnist_baselines.py", [], True, "hypernetwork (beta="),
     ("cl_permuted_mnist10.py", ["--threads", "1"], True, "RESULT tasks=3"),
+    ("br_defaults_sweep.py", [], False, "RESULT (2 problems"),
+    ("ld_toy.py", [], True, "RESULT λ̂ ="),
 ]
 
 

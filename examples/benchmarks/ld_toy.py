@@ -30,8 +30,8 @@ curve is flat there: λ = 1.8 is 0.04% above the minimum (0.07970 vs 0.07967 und
 2,000 φ-steps; the model retrained at λ̂ is 0.09% worse than at λ* (0.07972). From λ̂₀ = −1 instead of their 1.0,
 phase 2 of the full run descended into a local minimum of the hypernet's curve at −2.42.
 
-    HYPERLIT_DATA_DIR=/work/shared/data python examples/benchmarks/ld_toy.py
-    HYPERLIT_DATA_DIR=/work/shared/data python examples/benchmarks/ld_toy.py --quick
+    HYPERLIT_DATA_DIR=/path/to/data python examples/benchmarks/ld_toy.py
+    HYPERLIT_DATA_DIR=/path/to/data python examples/benchmarks/ld_toy.py --quick
 """
 
 from __future__ import annotations

@@ -204,7 +204,6 @@ class HyperContinualModule(ContinualModule):
             p.requires_grad_(name not in self.hnet.shapes)
         # running statistics of norm layers: one copy per task (T, *shape), read and updated through views
         self.task_norm_stats = TaskNormStats(self.target, num_tasks)
-        self.norm_stat_names = self.task_norm_stats.names
         self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
         self.task_embeddings = nn.Parameter(torch.randn(num_tasks, emb_dim) * emb_init_std)
         p_gen = self.hnet.num_target_params
@@ -245,10 +244,6 @@ class HyperContinualModule(ContinualModule):
         """Flat generated target weights (K, P) for task ids (K,)."""
         return self.hnet.flat(self.task_embeddings[tasks])
 
-    def _norm_stats(self, tasks: int | Tensor) -> dict[str, Tensor]:
-        """Norm statistics of ``tasks``: views for one task (training updates them in place), (K, …) for K tasks."""
-        return self.task_norm_stats.of(tasks)
-
     def _check_outputs(self, out: Any) -> Tensor:
         return check_outputs(out, self.hparams.heads, self.num_heads, self.output_dim)
 
@@ -265,14 +260,14 @@ class HyperContinualModule(ContinualModule):
     def task_outputs(self, x: Tensor, tasks: Tensor) -> Tensor:
         tasks = tasks.to(self.task_embeddings.device)
         weights = self.hnet.unflatten(self.generated_weights(tasks))
-        return self._select_head(batched_call(self.target, {**weights, **self._norm_stats(tasks)}, x), tasks)
+        return self._select_head(batched_call(self.target, {**weights, **self.task_norm_stats.of(tasks)}, x), tasks)
 
     @override
     def forward(self, x: Tensor, task: int) -> Tensor:
         """Outputs (B, C) of the target network with the weights (and norm statistics) of ``task``."""
         self._check_task_id(task)
         weights = self.hnet(self.task_embeddings[task])
-        out = self._check_outputs(call_with_weights(self.target, {**weights, **self._norm_stats(task)}, x))
+        out = self._check_outputs(call_with_weights(self.target, {**weights, **self.task_norm_stats.of(task)}, x))
         if self.num_heads == 1:
             return out
         return out.reshape(len(out), self.num_heads, self.output_dim)[:, task]
@@ -330,7 +325,7 @@ class HyperContinualModule(ContinualModule):
         opt_hnet.zero_grad()
         opt_emb.zero_grad()
         saved = None
-        if self.nan_policy == "skip" and self.norm_stat_names:  # a skipped step must not leave NaN statistics
+        if self.nan_policy == "skip" and self.task_norm_stats.names:  # a skipped step must not leave NaN statistics
             saved = self.task_norm_stats.save(task)
         loss_task = self.task_loss(self(x, task), y)
         logs = {"loss": loss_task, "loss_task": loss_task}

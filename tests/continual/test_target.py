@@ -49,7 +49,7 @@ def test_cnn_with_batchnorm_weights_are_generated_and_trained(make_trainer: Trai
     assert "target" not in m.hparams
     # every parameter is generated, the BatchNorm affine weight and bias included; its statistics are kept per task
     assert set(m.hnet.shapes) == {n for n, _ in cnn.named_parameters()} and "1.weight" in m.hnet.shapes
-    assert m.norm_stat_names == ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    assert m.task_norm_stats.names == ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
     assert m.task_norm_stats.get_buffer("1__running_var").shape == (2, 4)
     assert not any(p.requires_grad for p in cnn.parameters())
     dm = _images()

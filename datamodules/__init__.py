@@ -16,6 +16,7 @@ from datamodules.digits import DigitsDataModule
 from datamodules.mnist import MNISTDataModule
 from datamodules.ptb import PTBDataModule
 from datamodules.regression1d import Regression1DDataModule
+from datamodules.split_cifar import SplitCIFAR10DataModule
 from datamodules.tabular import AdultDataModule, BankDataModule, DefaultDataModule, TabularFairnessDataModule
 from datamodules.task_sequence import TaskSequenceDataModule
 
@@ -32,6 +33,7 @@ __all__ = [
     "PTBDataModule",
     "PermutedMNISTDataModule",
     "Regression1DDataModule",
+    "SplitCIFAR10DataModule",
     "SplitMNISTDataModule",
     "TabularFairnessDataModule",
     "TaskSequenceDataModule",

@@ -26,6 +26,7 @@ SCRIPTS = [
     ("cl_regularizer_benchmark.py", [], False, "ours T=50 / ours T=2"),
     ("cl_permuted_mnist_baselines.py", [], True, "hypernetwork (beta="),
     ("cl_permuted_mnist10.py", ["--threads", "1"], True, "RESULT tasks=3"),
+    ("cl_split_cifar10.py", ["--threads", "1"], True, "RESULT tasks=2"),
     ("br_defaults_sweep.py", [], False, "RESULT (2 problems"),
     ("ld_toy.py", [], True, "RESULT λ̂ ="),
 ]

@@ -17,8 +17,8 @@ Learners (target network: MLP 1024-100-100-(10 heads × 10), the "small capacity
   hypnettorch network is built under the seed and copied into hyperlit's with
   :func:`~hyperlit.continual.interop.copy_from_hypnettorch`), and hyperlit runs with the hypnettorch options
   (``train_old_embeddings=True``, ``lookahead="none"``), so the two should agree up to floating-point noise;
-* ``hyperlit-hcl`` (optional, ``--learners``) — hyperlit with the official code's options instead: earlier task
-  embeddings frozen and the Adam look-ahead Δθ;
+* ``hyperlit-hcl`` (optional, ``--learners``) — hyperlit with the official code's options and initialisation
+  instead: earlier task embeddings frozen, the Adam look-ahead Δθ, Xavier-uniform matrices and zero biases;
 * ``ewc`` — :class:`~hyperlit.continual.baselines.EWCContinualModule`, online EWC (λ = 100, γ = 1) on the plain
   multi-head MLP of the same shape;
 * ``finetune`` — the same plain MLP with λ = 0.
@@ -149,48 +149,92 @@ def build_hypnettorch(args: argparse.Namespace, seed: int) -> tuple[Any, Any]:
 
 # -- learners ---------------------------------------------------------------------------------------------------
 class _EvalTimer(pl.Callback):
-    """Wall-clock spent in validation (subtracted from ``fit``'s time to report training time)."""
+    """Wall-clock of each task's training (validation excluded) and of validation; checkpointed, so a resumed run
+    reports the time of the whole run (a task cut by the kill counts from the start of its last attempt)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self._t0 = 0.0
+        self._epoch_t0: float | None = None
+        self.task_seconds: list[float] = []  # training time of each task (epoch), evaluation excluded
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_t0 = time.perf_counter()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
+        if self._epoch_t0 is not None:  # the task's last batch is done: its evaluation starts
+            self.task_seconds.append(self._t0 - self._epoch_t0)
+            self._epoch_t0 = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.seconds += time.perf_counter() - self._t0
+        if isinstance(pl_module, ContinualModule) and trainer.state.fn == "fit":
+            progress(pl_module.task, pl_module.acc_matrix[pl_module.task], self.seconds)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "task_seconds": list(self.task_seconds)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seconds = state_dict["seconds"]
+        self.task_seconds = list(state_dict["task_seconds"])
 
 
-def fit_lightning(model: ContinualModule, dm: pl.LightningDataModule) -> tuple[pl.Trainer, float, float]:
-    """One ``Trainer.fit`` over the task sequence; returns the trainer, training and evaluation seconds."""
+def progress(task: int, row: Tensor, eval_s: float) -> None:
+    """One line per finished task (long runs are followed in their logs)."""
+    seen = row[: task + 1]
+    print(
+        f"  task {task} done: mean accuracy over seen tasks {100 * float(seen.mean()):.2f}, eval so far "
+        f"{eval_s:.0f} s, {time.strftime('%H:%M:%S')}",
+        flush=True,
+    )
+
+
+def fit_lightning(
+    model: ContinualModule, dm: pl.LightningDataModule, ckpt_dir: Path | None = None
+) -> tuple[pl.Trainer, float, float, list[float]]:
+    """One ``Trainer.fit`` over the task sequence; returns the trainer, training and evaluation seconds and the
+    training seconds of each task. With ``ckpt_dir`` a checkpoint is written after every task's evaluation and a
+    run killed part-way resumes from the last one (exact resume, the Lightning way: ``fit(ckpt_path=...)``)."""
     timer = _EvalTimer()
+    callbacks: list[pl.Callback] = [timer]
+    ckpt_path = None
+    if ckpt_dir is not None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_on_train_epoch_end=False))
+        if (ckpt_dir / "last.ckpt").exists():
+            ckpt_path = str(ckpt_dir / "last.ckpt")
+            print(f"  resuming from {ckpt_path}", flush=True)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=dm.num_schedule_epochs,  # type: ignore[attr-defined]
         enable_progress_bar=False,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=ckpt_dir is not None,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[timer],
+        callbacks=callbacks,
     )
-    t0 = time.perf_counter()
-    trainer.fit(model, dm)
-    total = time.perf_counter() - t0
-    return trainer, total - timer.seconds, timer.seconds
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer, sum(timer.task_seconds), timer.seconds, timer.task_seconds
 
 
-def run_module(model: ContinualModule, dm: PermutedMNISTDataModule) -> dict[str, Any]:
+def ckpt_dir_of(args: argparse.Namespace, key: str, seed: int) -> Path | None:
+    """Checkpoint folder of one learner and seed under ``--ckpt_dir`` (``None``: no checkpoints)."""
+    return None if args.ckpt_dir is None else Path(args.ckpt_dir) / f"{key}_seed{seed}"
+
+
+def run_module(model: ContinualModule, dm: PermutedMNISTDataModule, ckpt_dir: Path | None = None) -> dict[str, Any]:
     """Fit with the task given (accuracy matrix), then one test pass with the task inferred by entropy (inferring
     after every task would score every seen task on every test batch, T times over)."""
     model.infer_task = False
-    trainer, train_s, eval_s = fit_lightning(model, dm)
+    trainer, train_s, eval_s, task_s = fit_lightning(model, dm, ckpt_dir)
     model.infer_task = True
     t0 = time.perf_counter()
     trainer.test(model, dm, verbose=False)
     eval_s += time.perf_counter() - t0
-    out: dict[str, Any] = {"R": model.acc_matrix.clone(), "train_s": train_s, "eval_s": eval_s}
+    out: dict[str, Any] = {"R": model.acc_matrix.clone(), "train_s": train_s, "eval_s": eval_s, "task_s": task_s}
     out["final_inferred"] = float(model.test_scores[1].mean())
     if isinstance(model, HyperContinualModule):
         out["ratio"] = model.compression()["compression_ratio"]
@@ -198,14 +242,19 @@ def run_module(model: ContinualModule, dm: PermutedMNISTDataModule) -> dict[str,
 
 
 def hyperlit_learner(args: argparse.Namespace, seed: int, dm: PermutedMNISTDataModule, hcl: bool) -> dict[str, Any]:
-    """hyperlit's hypernetwork, starting from the hypnettorch network's parameters of the same seed."""
-    _, ref = build_hypnettorch(args, seed)
+    """hyperlit's hypernetwork: with hypnettorch's options from the hypnettorch network's parameters of the same
+    seed, or with the official code's options (``hcl``) from the official code's initialisation."""
     options = dict(train_old_embeddings=False, lookahead="adam") if hcl else dict(train_old_embeddings=True)
     model = HyperContinualModule(**target_kwargs(args), **hnet_kwargs(args), **options)
-    with torch.no_grad():
-        model.task_embeddings.copy_(copy_from_hypnettorch(ref, model.hnet))
+    if hcl:
+        torch.manual_seed(seed)
+        model.reset_hypernetwork()  # the official initialisation (what hnet_init="xavier" does at construction)
+    else:
+        _, ref = build_hypnettorch(args, seed)
+        with torch.no_grad():
+            model.task_embeddings.copy_(copy_from_hypnettorch(ref, model.hnet))
     pl.seed_everything(seed, verbose=False)
-    return run_module(model, dm)
+    return run_module(model, dm, ckpt_dir_of(args, "hyperlit-hcl" if hcl else "hyperlit", seed))
 
 
 def ewc_learner(args: argparse.Namespace, seed: int, dm: PermutedMNISTDataModule, lam: float) -> dict[str, Any]:
@@ -213,7 +262,7 @@ def ewc_learner(args: argparse.Namespace, seed: int, dm: PermutedMNISTDataModule
     model = EWCContinualModule(
         **target_kwargs(args), heads="multihead", ewc_lambda=lam, ewc_gamma=1.0, optimizer=adam(args)
     )
-    return run_module(model, dm)
+    return run_module(model, dm, ckpt_dir_of(args, "ewc" if lam > 0 else "finetune", seed))
 
 
 def _hnt_outputs(mnet: Any, weights: list[list[Tensor]], x: Tensor, tasks: list[int]) -> Tensor:
@@ -251,7 +300,19 @@ def hypnettorch_learner(args: argparse.Namespace, seed: int, dm: PermutedMNISTDa
     num_tasks = args.tasks
     acc = torch.full((num_tasks, num_tasks), math.nan)
     train_s = eval_s = 0.0
-    for task in range(num_tasks):
+    task_s: list[float] = []
+    inferred = torch.full((num_tasks,), math.nan)
+    folder = ckpt_dir_of(args, "hypnettorch", seed)
+    state_file = None if folder is None else folder / "after_task.pt"
+    first = 0
+    if state_file is not None and state_file.exists():  # resume after the last finished task (exact: fresh Adam)
+        state = torch.load(state_file, weights_only=True)
+        hnet.load_state_dict(state["hnet"])
+        acc, task_s, eval_s, first = state["acc"], list(state["task_s"]), float(state["eval_s"]), state["task"] + 1
+        inferred = state["inferred"]
+        train_s = sum(task_s)
+        print(f"  resuming from {state_file} after task {first - 1}", flush=True)
+    for task in range(first, num_tasks):
         t0 = time.perf_counter()
         calc_reg = task > 0 and args.beta > 0
         targets = hreg.get_current_targets(task, hnet) if calc_reg else None
@@ -269,15 +330,29 @@ def hypnettorch_learner(args: argparse.Namespace, seed: int, dm: PermutedMNISTDa
             loss = loss_task + args.beta * loss_reg
             loss.backward()
             optimizer.step()
-        train_s += time.perf_counter() - t0
+        task_s.append(time.perf_counter() - t0)
+        train_s += task_s[-1]
         t0 = time.perf_counter()
         last = task == num_tasks - 1
         acc[task], inferred = _hnt_evaluate(mnet, hnet, dm, task + 1, infer=last)
         eval_s += time.perf_counter() - t0
+        progress(task, acc[task], eval_s)
+        if state_file is not None:
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+            state = {"hnet": hnet.state_dict(), "acc": acc, "task_s": task_s, "eval_s": eval_s, "task": task}
+            state["inferred"] = inferred
+            torch.save(state, state_file)
     final_inferred = float(inferred.mean())
     target_params = sum(math.prod(s) for s in mnet.param_shapes)
     ratio = sum(p.numel() for p in hnet.parameters() if p.requires_grad) / target_params
-    return {"R": acc, "final_inferred": final_inferred, "train_s": train_s, "eval_s": eval_s, "ratio": ratio}
+    return {
+        "R": acc,
+        "final_inferred": final_inferred,
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "task_s": task_s,
+        "ratio": ratio,
+    }
 
 
 LEARNERS: dict[str, tuple[str, Callable[[argparse.Namespace, int, PermutedMNISTDataModule], dict[str, Any]]]] = {
@@ -311,9 +386,13 @@ def _ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
 
 def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Summary table (mean ± std over seeds) and final accuracy per task; returns the means for the RESULT line."""
-    cols = ("during", "final", "BWT", "forgetting", "final (task inferred)", "ratio", "train s")
-    print("\nmean ± std over seeds; accuracies in %, train s = training wall-clock (evaluation excluded)")
-    print(f"{'learner':46} " + " ".join(f"{c:>15}" for c in cols))
+    cols = ("during", "final", "BWT", "forgetting", "final (task inferred)", "ratio", "train s", "eval s")
+    cols += ("ms/step task 1", f"ms/step task {args.tasks}")
+    print(
+        "\nmean ± std over seeds; accuracies in %, train s = training wall-clock (evaluation excluded), eval s = "
+        "evaluation wall-clock, ms/step = training time of that task / its steps"
+    )
+    print(f"{'learner':46} " + " ".join(f"{c:>{max(15, len(c))}}" for c in cols))
     means: dict[str, dict[str, float]] = {}
     for key, runs in results.items():
         sums = [summarize(r["R"]) for r in runs]
@@ -325,10 +404,13 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
             "final (task inferred)": "-",
             "ratio": f"{runs[0]['ratio']:.3f}" if "ratio" in runs[0] else "-",
             "train s": _ms([r["train_s"] for r in runs], scale=1.0, digits=0),
+            "eval s": _ms([r["eval_s"] for r in runs], scale=1.0, digits=0),
+            "ms/step task 1": _ms([r["task_s"][0] / args.steps for r in runs], scale=1000.0, digits=1),
+            f"ms/step task {args.tasks}": _ms([r["task_s"][-1] / args.steps for r in runs], scale=1000.0, digits=1),
         }
         if "final_inferred" in runs[0]:
             row["final (task inferred)"] = _ms([r["final_inferred"] for r in runs])
-        print(f"{LEARNERS[key][0]:46} " + " ".join(f"{row[c]:>15}" for c in cols))
+        print(f"{LEARNERS[key][0]:46} " + " ".join(f"{row[c]:>{max(15, len(c))}}" for c in cols))
         means[key] = {
             "final": float(np.mean([s["final_mean"] for s in sums])),
             "during": float(np.mean([s["during_mean"] for s in sums])),
@@ -346,6 +428,42 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         print(f"  {name:72} {value:>13}")
     print(f"  ({PUBLISHED_SETTINGS})")
     return means
+
+
+def save(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, path: str) -> None:
+    """Write the runs (accuracy matrices as lists, NaN as null) and the arguments to ``path``."""
+    import json
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return [[None if math.isnan(v) else v for v in row] for row in value.tolist()]
+        return value
+
+    runs = {k: [{f: plain(v) for f, v in r.items()} for r in rs] for k, rs in results.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    print(f"results saved to {path}")
+
+
+def report_saved(paths: list[str]) -> None:
+    """One table from several ``--save`` files of the same configuration (e.g. one learner per process)."""
+    import json
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    configs = []
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        keep = ("tasks", "steps", "seeds", "batch", "lr", "beta", "hidden", "hnet_hidden", "chunk_size", "eval_size")
+        configs.append({k: saved["args"][k] for k in keep})
+        for key, runs in saved["runs"].items():
+            for r in runs:
+                r["R"] = torch.tensor([[math.nan if v is None else v for v in row] for row in r["R"]])
+            results.setdefault(key, []).extend(runs)
+    if any(c != configs[0] for c in configs):
+        raise SystemExit(f"the files hold different configurations: {configs}")
+    args = argparse.Namespace(**configs[0])
+    print(f"PermutedMNIST-{args.tasks} from {len(paths)} file(s): {args.steps} steps/task, {configs[0]}")
+    report(results, args)
 
 
 def plot(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, path: str) -> None:
@@ -397,12 +515,24 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="save a PNG of during/final accuracy per task")
     parser.add_argument("--matrices", action="store_true", help="print every accuracy matrix")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save", default=None, help="write every run's results to this JSON file")
+    parser.add_argument(
+        "--ckpt_dir",
+        default=None,
+        help="checkpoint every learner after each task here and resume a killed run from it (same arguments)",
+    )
+    parser.add_argument(
+        "--report", nargs="+", default=None, help="print one table from JSON files written by --save (no training)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.steps, args.seeds, args.eval_size = 3, 50, [0], 2000
     unknown = set(args.learners) - set(LEARNERS)
     if unknown:
         parser.error(f"unknown learners {sorted(unknown)}; choose from {list(LEARNERS)}")
+    if args.report:
+        report_saved(args.report)
+        return
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no per-fit "GPU available" banners
     warnings.filterwarnings("ignore", message=".*treespec.*")
@@ -433,6 +563,8 @@ def main() -> None:
             )
             if args.matrices:
                 print(format_matrix(r["R"]))
+    if args.save:
+        save(results, args, args.save)
     means = report(results, args)
     if args.plot:
         plot(results, args, args.plot)

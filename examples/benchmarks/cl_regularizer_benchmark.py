@@ -5,13 +5,17 @@ Both learners use the *same* hypernetwork (a hypnettorch ``HMLP``/``ChunkedHMLP`
 stored targets and Adam. One training step = generate the current task's weights, task loss on a batch, output
 regularizer over the previous tasks (all of them, or k drawn at random), backward, Adam step.
 
-* ours: ``HyperContinualModule.forward`` + ``HyperContinualModule.regularizer`` — one batched hypernet call for all
-  regularized tasks;
+* ours: ``HyperContinualModule.forward`` + ``HyperContinualModule.regularizer`` — for chunked hypernetworks in both
+  forms of ``reg_method``: ``materialize`` (one batched hypernet call for all regularized tasks, their (k, P) weights
+  compared with the stored targets) and ``gram`` (the same value from Gram matrices of the output layer, no (k, P)
+  tensor); ``auto``, the default, takes the Gram form from k·C ≥ 4(h+1) regularized rows;
 * hypnettorch: ``hnet.forward(cond_id=t)`` + ``mnet.forward`` + ``calc_fix_target_reg`` — one hypernet call per
   previous task (Python loop).
 
-Settings: ``toy`` (full hypernet [10, 10] → 1-10-10-1 MLP, the paper's 1-D toy) and ``pmnist`` (chunked
-hypernet [100, 100], chunk 1,000, embeddings 8/8 → 784-100-100-10 MLP, batch 128, cl.md §8.4 B2).
+Settings: ``toy`` (full hypernet [10, 10] → 1-10-10-1 MLP, the paper's 1-D toy), ``pmnist`` (chunked
+hypernet [100, 100], chunk 1,000, embeddings 8/8 → 784-100-100-10 MLP, batch 128, cl.md §8.4 B2) and ``pm10`` (the
+official PermutedMNIST-10 sizes: chunked hypernet [25, 25] ELU, chunk 78,000, task embedding 24, chunk embedding 8
+→ 1024-1000-1000-100 MLP, 2,126,100 weights, batch 128).
 
     python examples/benchmarks/cl_regularizer_benchmark.py [--quick] [--threads N]
 """
@@ -53,7 +57,21 @@ SETTINGS = {
         chunk_size=1000,
         batch=128,
     ),
+    "pm10": dict(
+        input_dim=1024,
+        output_dim=100,
+        hidden=(1000, 1000),
+        activation="relu",
+        task_type="classification",
+        hnet_hidden=(25, 25),
+        hnet_activation="elu",
+        emb_dim=24,
+        chunk_size=78000,
+        batch=128,
+    ),
 }
+PREVIOUS = {"toy": (2, 10, 50), "pmnist": (2, 10, 50), "pm10": (1, 3, 9)}
+ACTIVATIONS = {"sigmoid": torch.nn.Sigmoid, "relu": torch.nn.ReLU, "elu": torch.nn.ELU}
 
 
 def _timeit(step: Callable[[], None], reps: int, warmup: int = 3) -> float:
@@ -74,11 +92,11 @@ def build(setting: str, num_tasks: int, seed: int = 0):  # type: ignore[no-untyp
 
     s = SETTINGS[setting]
     torch.manual_seed(seed)
-    act = torch.nn.Sigmoid() if s["activation"] == "sigmoid" else torch.nn.ReLU()
+    act = ACTIVATIONS[s["activation"]]()
     mnet = HMLPTarget(
         s["input_dim"], s["output_dim"], hidden_layers=s["hidden"], activation_fn=act, no_weights=True, verbose=False
     )
-    h_act = torch.nn.Sigmoid() if s["hnet_activation"] == "sigmoid" else torch.nn.ReLU()
+    h_act = ACTIVATIONS[s["hnet_activation"]]()
     if s["chunk_size"] is None:
         hnet = HMLP(
             mnet.param_shapes,
@@ -121,7 +139,8 @@ def build(setting: str, num_tasks: int, seed: int = 0):  # type: ignore[no-untyp
 
 
 def bench(setting: str, prev: int, reps: int, k: int | None) -> dict[str, float]:
-    """Step times (ms) with ``prev`` previous tasks: ours (all tasks), ours (k random), hypnettorch's loop."""
+    """Step times (ms) with ``prev`` previous tasks: ours (all tasks; chunked: both forms), ours (k random, the
+    default form), hypnettorch's loop."""
     from hypnettorch.utils import hnet_regularizer as hreg
 
     s, mnet, hnet, ours = build(setting, prev + 1)
@@ -136,10 +155,13 @@ def bench(setting: str, prev: int, reps: int, k: int | None) -> dict[str, float]
     # ours: task switch computes the stored targets of all previous tasks in one call
     for t in range(prev + 1):
         ours.start_task(t)
+    with torch.no_grad():  # stored targets for the materialized form (the default may have chosen the Gram form)
+        ours.register_buffer("reg_targets", ours.hnet.flat(ours.task_embeddings[:prev]).detach())
     opt = torch.optim.Adam([{"params": list(ours.hnet.parameters())}, {"params": [ours.task_embeddings]}], lr=1e-4)
 
-    def ours_step(num: int | None) -> Callable[[], None]:
+    def ours_step(num: int | None, method: str = "auto") -> Callable[[], None]:
         ours.hparams.reg_num_tasks = num
+        ours.hparams.reg_method = method
 
         def step() -> None:
             opt.zero_grad()
@@ -149,8 +171,11 @@ def bench(setting: str, prev: int, reps: int, k: int | None) -> dict[str, float]
 
         return step
 
-    t_ours = _timeit(ours_step(None), reps)
-    t_sub = _timeit(ours_step(k), reps) if k is not None and k < prev else t_ours
+    chunked = s["chunk_size"] is not None
+    t_ours = _timeit(ours_step(None, "materialize"), reps)
+    t_gram = _timeit(ours_step(None, "gram"), reps) if chunked else float("nan")
+    t_auto = min(t_ours, t_gram) if chunked and ours.uses_gram(prev) else t_ours
+    t_sub = _timeit(ours_step(k), reps) if k is not None and k < prev else t_auto
     targets = hreg.get_current_targets(prev, hnet)
     h_opt = torch.optim.Adam(hnet.parameters(), lr=1e-4)
 
@@ -162,7 +187,7 @@ def bench(setting: str, prev: int, reps: int, k: int | None) -> dict[str, float]
         h_opt.step()
 
     t_hnt = _timeit(hnt_step, reps)
-    return {"ours": t_ours, "ours_k": t_sub, "hypnettorch": t_hnt}
+    return {"ours": t_ours, "gram": t_gram, "auto": t_auto, "ours_k": t_sub, "hypnettorch": t_hnt}
 
 
 def main() -> None:
@@ -170,28 +195,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 2 minutes)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--k", type=int, default=8, help="size of the random subset of previous tasks")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=None, help="default: all")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    reps = {"toy": 30 if args.quick else 200, "pmnist": 3 if args.quick else 20}
+    reps = {"toy": 30 if args.quick else 200, "pmnist": 3 if args.quick else 20, "pm10": 2 if args.quick else 10}
+    settings = args.settings or (["toy", "pmnist"] if args.quick else list(SETTINGS))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; median step time in ms")
+    print("T = previous tasks regularized; ours (all) = materialized form, gram = Gram form, default = reg_method auto")
     print(
-        f"{'setting':8} {'T':>4} | {'ours (all)':>10} {'ours (k=' + str(args.k) + ')':>11} {'hypnettorch':>11} |"
-        f" {'speedup':>7}"
+        f"{'setting':8} {'T':>4} | {'ours (all)':>10} {'gram':>8} {'default':>8} {'ours (k=' + str(args.k) + ')':>11}"
+        f" {'hypnettorch':>11} | {'speedup':>7}"
     )
     base: dict[str, float] = {}
-    for setting in ("toy", "pmnist"):
-        for prev in (2, 10, 50):
+    for setting in settings:
+        for prev in PREVIOUS[setting]:
             r = bench(setting, prev, reps[setting], args.k)
-            base.setdefault(setting, r["ours"])
+            base.setdefault(setting, r["auto"])
             print(
-                f"{setting:8} {prev:>4} | {r['ours']:>10.2f} {r['ours_k']:>11.2f} {r['hypnettorch']:>11.2f} |"
-                f" {r['hypnettorch'] / r['ours']:>6.1f}x"
+                f"{setting:8} {prev:>4} | {r['ours']:>10.2f} {r['gram']:>8.2f} {r['auto']:>8.2f} {r['ours_k']:>11.2f}"
+                f" {r['hypnettorch']:>11.2f} | {r['hypnettorch'] / r['auto']:>6.1f}x",
+                flush=True,
             )
-            if prev == 50:
-                print(
-                    f"{'':8} ours T=50 / ours T=2: all {r['ours'] / base[setting]:.2f}x (target <= 1.5x), "
-                    f"k={args.k}: {r['ours_k'] / base[setting]:.2f}x"
-                )
+        last = PREVIOUS[setting][-1]
+        print(
+            f"{'':8} ours T={last} / ours T={PREVIOUS[setting][0]}: {r['auto'] / base[setting]:.2f}x, "
+            f"k={args.k}: {r['ours_k'] / base[setting]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

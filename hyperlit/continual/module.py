@@ -61,7 +61,10 @@ from hyperlit.continual.metrics import compression_ratio, weight_drift
 from hyperlit.continual.regularizer import (
     Lookahead,
     ParameterSnapshot,
+    RegMethod,
     compute_targets,
+    gram_is_cheaper,
+    gram_regularization_loss,
     lookahead_delta,
     online_targets_bytes,
     regularization_loss,
@@ -77,6 +80,7 @@ from hyperlit.optim import check_factories
 __all__ = ["HyperContinualModule"]
 
 Heads = Literal["generated", "multihead", "separate"]
+HnetInit = Literal["default", "xavier"]
 NanPolicy = Literal["raise", "skip"]
 
 
@@ -99,10 +103,17 @@ class HyperContinualModule(ContinualModule):
         emb_init_std: Task embeddings are initialised N(0, emb_init_std²).
         hnet_out_init_std: Std of the hypernetwork's output-layer weights (``None``: PyTorch's default init).
         init_bias_from_target: Start the (full) hypernetwork's output bias at the target's default init.
+        hnet_init: ``default`` (PyTorch's layer init, as hypnettorch) or ``xavier``, the official code's
+            (:meth:`reset_hypernetwork`).
         beta: Regularization strength β (0 gives the fine-tuning baseline).
         reg_num_tasks: Regularize k random previous tasks per step (``None``: all).
         online_targets: Compute targets from a frozen θ* every step (memory ``|θ|``) instead of storing them
             (memory (T−1)·P); both are reported as ``cl/target_memory_bytes``.
+        reg_method: How R is computed: ``materialize`` generates the k regularized tasks' weights (k, P) and
+            compares them with the targets; ``gram`` gives the same value from Gram matrices of the hypernetwork's
+            output layer at a cost independent of k (see :mod:`hyperlit.continual.regularizer`; needs the θ*
+            snapshot, kept for it instead of stored targets); ``auto`` (default) takes ``gram`` for chunked
+            hypernetworks from k·C ≥ 4(h+1) regularized rows (h the last hidden size) and ``materialize`` otherwise.
         lookahead: ``none`` (default; hypnettorch) | ``sgd`` | ``adam`` (the paper's, detached).
         train_old_embeddings: Let the regularizer move earlier tasks' embeddings.
         init_emb_from_previous: Start each new task embedding from the previous task's.
@@ -143,9 +154,11 @@ class HyperContinualModule(ContinualModule):
         emb_init_std: float = 1.0,
         hnet_out_init_std: float | None = None,
         init_bias_from_target: bool = False,
+        hnet_init: HnetInit = "default",
         beta: float = 0.01,
         reg_num_tasks: int | None = None,
         online_targets: bool = False,
+        reg_method: RegMethod = "auto",
         lookahead: Lookahead = "none",
         train_old_embeddings: bool = False,
         init_emb_from_previous: bool = False,
@@ -170,6 +183,14 @@ class HyperContinualModule(ContinualModule):
             raise ValueError(f"lookahead must be 'none', 'sgd' or 'adam', got {lookahead!r}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        if hnet_init not in ("default", "xavier"):
+            raise ValueError(f"hnet_init must be 'default' or 'xavier', got {hnet_init!r}")
+        if hnet_init == "xavier" and (hnet_out_init_std is not None or init_bias_from_target):
+            raise ValueError(
+                "hnet_init='xavier' sets every hypernetwork parameter: drop hnet_out_init_std/init_bias_from_target"
+            )
+        if reg_method not in ("auto", "materialize", "gram"):
+            raise ValueError(f"reg_method must be 'auto', 'materialize' or 'gram', got {reg_method!r}")
         if reg_num_tasks is not None and reg_num_tasks < 1:
             raise ValueError(f"reg_num_tasks must be >= 1 or None (all previous tasks), got {reg_num_tasks}")
         if emb_dim < 1:
@@ -208,15 +229,36 @@ class HyperContinualModule(ContinualModule):
         self.task_embeddings = nn.Parameter(torch.randn(num_tasks, emb_dim) * emb_init_std)
         p_gen = self.hnet.num_target_params
         self.register_buffer("reg_targets", torch.zeros(0, p_gen))  # stored targets, grows to (T−1, P)
-        self.theta_star = ParameterSnapshot(self.hnet) if online_targets else None
+        # θ*: for online targets and for the Gram form (auto: only chunked hypernetworks can take it)
+        keep_snapshot = online_targets or reg_method == "gram"
+        keep_snapshot |= reg_method == "auto" and self.hnet.chunk_embeddings is not None
+        self.theta_star = ParameterSnapshot(self.hnet) if keep_snapshot else None
         self.register_buffer("emb_star", torch.zeros(num_tasks, emb_dim))
         self.register_buffer("weights_after_task", torch.zeros(num_tasks if track_drift else 0, p_gen))
         self.register_generator("reg", reg_seed)  # draws the regularized subset, identically on every rank
+        self._eval_weights: Tensor | None = None  # the seen tasks' weights, generated once per evaluation epoch
+        self._eval_active = False
+        if hnet_init == "xavier":
+            self.reset_hypernetwork()
         big = ["reg_targets", "weights_after_task"]
         if self.theta_star is not None:
             big += [f"theta_star.{n}" for n, _ in self.theta_star.named_buffers()]
         # identical on every process by construction: no need for DDP to broadcast them each step (issue 9)
         self._ddp_params_and_buffers_to_ignore = big
+
+    @torch.no_grad()
+    def reset_hypernetwork(self) -> None:
+        """The official code's initialisation (von Oswald et al. 2020, hypercl ``generate_classifier``): every
+        hypernetwork matrix Xavier-uniform, every 1-D parameter 0, chunk embeddings N(0, 1) and task embeddings
+        N(0, emb_init_std²), drawn in this order from the global generator."""
+        for name, p in self.hnet.named_parameters():
+            if name == "chunk_embeddings":
+                p.normal_(0.0, 1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                nn.init.xavier_uniform_(p)
+        self.task_embeddings.normal_(0.0, self.hparams.emb_init_std)
 
     # -- parameters ------------------------------------------------------------------------------------------
     def task_specific_parameters(self) -> list[nn.Parameter]:
@@ -256,10 +298,66 @@ class HyperContinualModule(ContinualModule):
         out = out.reshape(k, b, self.num_heads, self.output_dim)
         return out[torch.arange(k, device=out.device), :, tasks]
 
+    def _evaluation_weights(self, tasks: Tensor) -> Tensor | None:
+        """Flat weights of ``tasks`` from the evaluation epoch's cache (``None`` outside evaluation or beyond it).
+
+        Inside a validation/test/predict epoch the parameters do not change, so the seen tasks' weights are
+        generated once (lazily, on the first batch) and every batch only runs the target network.
+        """
+        if not self._eval_active or torch.is_grad_enabled():
+            return None
+        if self._eval_weights is None:
+            seen = max(self.task + 1, 1)
+            self._eval_weights = self.generated_weights(torch.arange(seen, device=self.task_embeddings.device))
+        cached = self._eval_weights
+        if len(tasks) == 1:
+            t = int(tasks[0])
+            return cached[t : t + 1] if t < len(cached) else None
+        if int(tasks.max()) >= len(cached):
+            return None
+        if len(tasks) == len(cached) and bool((tasks == torch.arange(len(tasks), device=tasks.device)).all()):
+            return cached
+        return cached[tasks]
+
+    def _evaluation_epoch(self, active: bool) -> None:
+        self._eval_active = active
+        self._eval_weights = None
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._evaluation_epoch(True)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._evaluation_epoch(False)
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._evaluation_epoch(True)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._evaluation_epoch(False)
+
+    @override
+    def on_predict_epoch_start(self) -> None:
+        super().on_predict_epoch_start()
+        self._evaluation_epoch(True)
+
+    @override
+    def on_predict_epoch_end(self) -> None:
+        super().on_predict_epoch_end()
+        self._evaluation_epoch(False)
+
     @override
     def task_outputs(self, x: Tensor, tasks: Tensor) -> Tensor:
         tasks = tasks.to(self.task_embeddings.device)
-        weights = self.hnet.unflatten(self.generated_weights(tasks))
+        flat = self._evaluation_weights(tasks)
+        weights = self.hnet.unflatten(self.generated_weights(tasks) if flat is None else flat)
         return self._select_head(batched_call(self.target, {**weights, **self.task_norm_stats.of(tasks)}, x), tasks)
 
     @override
@@ -284,16 +382,28 @@ class HyperContinualModule(ContinualModule):
             if hp.beta > 0:
                 if self.theta_star is not None:
                     self.theta_star.copy_from(self.hnet)
-                else:  # all previous tasks' targets h(e_j, θ*), one batched call (HNT get_current_targets)
+                if not hp.online_targets and not self.uses_gram(task):
+                    # all previous tasks' targets h(e_j, θ*), one batched call (HNT get_current_targets)
                     self.register_buffer("reg_targets", compute_targets(self.hnet, self.task_embeddings[:task]))
+                else:
+                    self.register_buffer("reg_targets", self.reg_targets.new_zeros(0, self.hnet.num_target_params))
             if hp.init_emb_from_previous:
                 self.task_embeddings[task] = self.task_embeddings[task - 1]
 
+    def uses_gram(self, task: int) -> bool:
+        """Whether the regularizer of ``task`` takes the Gram form (``reg_method``; k is fixed within a task)."""
+        method = self.hparams.reg_method
+        if method != "auto" or task < 1:
+            return method == "gram"
+        k = task if self.hparams.reg_num_tasks is None else min(task, self.hparams.reg_num_tasks)
+        return gram_is_cheaper(self.hnet, k)
+
     def target_memory_bytes(self) -> int:
-        """Memory that the regularization targets take now (stored targets or θ* + embeddings)."""
+        """Memory that the regularization targets take now (stored targets, and θ* + embeddings if kept)."""
+        total = stored_targets_bytes(len(self.reg_targets), self.hnet.num_target_params)
         if self.theta_star is not None:
-            return online_targets_bytes(self.hnet, self.num_tasks, self.task_embeddings.shape[1])
-        return stored_targets_bytes(len(self.reg_targets), self.hnet.num_target_params)
+            total += online_targets_bytes(self.hnet, self.num_tasks, self.task_embeddings.shape[1])
+        return total
 
     # -- training ---------------------------------------------------------------------------------------------
     def regularizer(self, task: int, delta: list[Tensor] | None = None) -> Tensor:
@@ -306,7 +416,11 @@ class HyperContinualModule(ContinualModule):
         named_delta = None
         if delta is not None:
             named_delta = {n: d for (n, _), d in zip(self.hnet.named_parameters(), delta)}
-        if self.theta_star is not None:
+        if self.uses_gram(task):
+            assert self.theta_star is not None
+            theta_star = self.theta_star.as_dict()
+            return gram_regularization_loss(self.hnet, emb, theta_star, self.emb_star[ids], named_delta)
+        if self.theta_star is not None and hp.online_targets:
             return regularization_loss(
                 self.hnet,
                 emb,

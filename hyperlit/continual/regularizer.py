@@ -13,6 +13,13 @@ Unlike the reference implementation (one hypernetwork call per previous task in 
 regularized task is generated in **one** batched call ``h(E_S, θ)`` of shape ``(|S|, P)`` (a chunked hypernetwork
 batches ``|S|`` × #chunks rows), so a step costs about the same for 2 or 50 previous tasks.
 
+**Gram form.** The hypernetwork's last layer is linear, h(e, θ) = W̃ φ̃(e, θ) per chunk (φ̃ the trunk's features
+with a 1 appended, W̃ = [W | b]). With the snapshot's W̃*, φ̃* and D̃ = W̃ − W̃*, each chunk's difference is
+``W̃ (φ̃ − φ̃*) + D̃ φ̃*`` = M z with M = [W̃ | D̃] and z = [φ̃ − φ̃*; φ̃*], so the whole sum is
+``⟨MᵀM, Σ z zᵀ⟩``: two Gram matrices of size 2(h+1), no (k, P) tensor, a cost independent of the number of
+regularized tasks (:func:`gram_regularization_loss`). Both factors are small near the targets (no cancellation
+of large terms); it equals the materialized sum to rounding.
+
 Targets h(e^(t), θ*) are either *stored* — a (T−1, P) tensor computed once per task boundary, (T−1)·P·4 bytes —
 or computed *online* from a frozen copy of θ* and of the embeddings, ``|θ|`` + T·d floats, at the cost of one extra
 no-grad hypernetwork call per step (:func:`stored_targets_bytes`, :func:`online_targets_bytes`).
@@ -32,6 +39,9 @@ from hyperlit.nn.hypernet import HyperNetwork
 __all__ = [
     "ParameterSnapshot",
     "compute_targets",
+    "gram_is_cheaper",
+    "gram_regularization_loss",
+    "hnet_features",
     "hnet_flat",
     "lookahead_delta",
     "online_targets_bytes",
@@ -42,6 +52,12 @@ __all__ = [
 ]
 
 Lookahead = Literal["none", "sgd", "adam"]
+RegMethod = Literal["auto", "materialize", "gram"]
+
+# Per output row, the Gram form costs ~(2(h+1))² multiply-adds and materializing ~k·C·(h+1) plus the (k, P)
+# tensors' memory traffic: the Gram form is chosen from this many regularized rows k·C per feature h+1 on
+# (crossover measured with ``examples/benchmarks/cl_regularizer_benchmark.py``).
+GRAM_ROWS_PER_FEATURE = 4
 
 
 class _Flat(nn.Module):
@@ -135,6 +151,79 @@ def regularization_loss(
     if delta is not None:
         params = {n: p + delta[n] for n, p in hnet.named_parameters()}
     return output_regularizer(hnet_flat(hnet, embeddings, params), targets)
+
+
+def hnet_features(hnet: HyperNetwork, cond: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Inputs of the hypernetwork's output layer: ``(K, C, h)`` for conditions (K, d), C chunks (1 unchunked).
+
+    ``params`` replaces the hypernetwork's parameters (names as in ``hnet.named_parameters()``), as in
+    :func:`hnet_flat`.
+    """
+    p = dict(hnet.named_parameters()) if params is None else params
+    if cond.dim() != 2 or cond.shape[-1] != hnet.cond_dim:
+        raise ValueError(f"conditions must have shape (K, {hnet.cond_dim}), got {tuple(cond.shape)}")
+    inp = cond.unsqueeze(1)
+    if hnet.chunk_embeddings is not None:
+        chunks = p["chunk_embeddings"].unsqueeze(0).expand(len(cond), -1, -1)
+        inp = torch.cat([inp.expand(-1, hnet.num_chunks, -1), chunks], dim=-1)
+    trunk = {n.removeprefix("trunk."): t for n, t in p.items() if n.startswith("trunk.")}
+    return functional_call(hnet.trunk, trunk, (inp,))
+
+
+def _augmented_head(params: Mapping[str, Tensor]) -> Tensor:
+    """[W | b] of the output layer, (O, h + 1)."""
+    return torch.cat([params["head.weight"], params["head.bias"].unsqueeze(1)], dim=1)
+
+
+def gram_regularization_loss(
+    hnet: HyperNetwork,
+    embeddings: Tensor,
+    theta_star: Mapping[str, Tensor],
+    target_embeddings: Tensor | None = None,
+    delta: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """Eq. 2 with targets h(e*, θ*), in the Gram form of the module docstring (equal to
+    :func:`regularization_loss` with the same targets, to rounding).
+
+    Args:
+        hnet: The hypernetwork with the current parameters θ.
+        embeddings: Embeddings of the regularized tasks (k, d) (detach them to keep old embeddings fixed).
+        theta_star: The snapshot θ* (name → tensor).
+        target_embeddings: The embeddings the targets are computed from (default ``embeddings``).
+        delta: Look-ahead Δθ (name → tensor, detached); the prediction uses θ + Δθ.
+    """
+    if len(embeddings) == 0:
+        raise ValueError("no task to regularize (k = 0)")
+    params = dict(hnet.named_parameters())
+    if delta is not None:
+        params = {n: p + delta[n] for n, p in params.items()}
+    emb_star = embeddings if target_embeddings is None else target_embeddings
+    with torch.no_grad():
+        f_star = hnet_features(hnet, emb_star.detach(), theta_star)
+    f = hnet_features(hnet, embeddings, params)
+    ones = f.new_ones(*f.shape[:2], 1)
+    f, f_star = torch.cat([f, ones], -1), torch.cat([f_star, ones], -1)
+    z = torch.cat([f - f_star, f_star], dim=-1)  # (k, C, 2(h+1))
+    w = _augmented_head(params)
+    m = torch.cat([w, w - _augmented_head(theta_star)], dim=1)  # (O, 2(h+1))
+    out = m.shape[0]
+    used = hnet.num_target_params - (hnet.num_chunks - 1) * out  # outputs of the last chunk that are weights
+    if used == out:
+        zz = z.reshape(-1, z.shape[-1])
+        return (m.T @ m * (zz.T @ zz)).sum() / len(embeddings)
+    g_last = m[:used].T @ m[:used]
+    g_all = g_last + m[used:].T @ m[used:]
+    z_all = z[:, :-1].reshape(-1, z.shape[-1])
+    z_last = z[:, -1]
+    total = (g_all * (z_all.T @ z_all)).sum() + (g_last * (z_last.T @ z_last)).sum()
+    return total / len(embeddings)
+
+
+def gram_is_cheaper(hnet: HyperNetwork, k: int) -> bool:
+    """Whether the Gram form beats materializing k tasks' weights: chunked hypernets with k·C ≥ 4(h+1) rows."""
+    if hnet.chunk_embeddings is None:
+        return False
+    return k * hnet.num_chunks >= GRAM_ROWS_PER_FEATURE * (hnet.head.in_features + 1)
 
 
 def stored_targets_bytes(num_previous: int, num_target_params: int, element_size: int = 4) -> int:

@@ -3,5 +3,6 @@
 from hyperlit.models.mlp import MLP
 from hyperlit.models.stn_cnn import AlexNetCNN, StnAlexNet, StnMLP, StnSmallCNN
 from hyperlit.models.stn_lstm_lm import StnLSTMLanguageModel
+from hyperlit.models.zenkenet import ZenkeNet
 
-__all__ = ["MLP", "AlexNetCNN", "StnAlexNet", "StnLSTMLanguageModel", "StnMLP", "StnSmallCNN"]
+__all__ = ["MLP", "AlexNetCNN", "StnAlexNet", "StnLSTMLanguageModel", "StnMLP", "StnSmallCNN", "ZenkeNet"]

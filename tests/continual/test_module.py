@@ -96,6 +96,88 @@ def test_task_boundary_snapshots_targets(online: bool) -> None:
     torch.testing.assert_close(m.weight_drift(), (m.generated_weights(torch.arange(2)) - before).norm(dim=1))
 
 
+@pytest.mark.parametrize("lookahead", ["none", "adam"])
+def test_gram_and_materialized_regularizers_train_identically(make_trainer: Trainers, lookahead: str) -> None:
+    """Three tasks, the same batches: the Gram form and the materialized sum give the same hypernetwork."""
+    models = {}
+    for method in ("gram", "materialize"):
+        pl.seed_everything(42)
+        dm = Regression1DDataModule(num_tasks=3, steps_per_task=15, batch_size=32)
+        toy = {**TOY, "beta": 0.5, "chunk_size": 30, "lookahead": lookahead, "train_old_embeddings": True}
+        models[method] = HyperContinualModule(**toy, reg_method=method)
+        make_trainer(max_epochs=3).fit(models[method], dm)
+    gram, direct = models["gram"], models["materialize"]
+    assert len(gram.reg_targets) == 0 and len(direct.reg_targets) == 2  # no stored targets in the Gram form
+    hnet_floats = sum(p.numel() for p in gram.hnet.parameters())
+    assert gram.target_memory_bytes() == 4 * (hnet_floats + gram.task_embeddings.numel())  # θ* and e*
+    assert direct.target_memory_bytes() == 4 * 2 * direct.hnet.num_target_params  # two stored target vectors
+    # the old embeddings moved under the regularizer during task 2 (so the Gram form saw e ≠ e*)
+    assert float((gram.task_embeddings[0] - gram.emb_star[0]).abs().max().detach()) > 1e-4
+    for (name, a), b in zip(gram.named_parameters(), direct.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_reg_method_auto_picks_the_cheaper_form_per_task() -> None:
+    big = dict(num_tasks=12, input_dim=4, output_dim=2, hidden=(5,), hnet_hidden=(6,), heads="multihead", beta=0.1)
+    m = HyperContinualModule(**big, chunk_size=10)  # P = 4·5+5+5·24+24 = 169: 17 chunks; 4·(6+1) = 28 rows
+    assert m.theta_star is not None
+    assert [m.uses_gram(t) for t in range(4)] == [False, False, True, True]  # k·17 >= 28 from k = 2
+    capped = HyperContinualModule(**big, chunk_size=10, reg_num_tasks=1)
+    assert not capped.uses_gram(11)  # one regularized task per step: 17 rows
+    full = HyperContinualModule(**big)  # an unchunked hypernet never takes it, and keeps no snapshot
+    assert full.theta_star is None and not full.uses_gram(11)
+    with pytest.raises(ValueError, match="reg_method must be"):
+        HyperContinualModule(**big, reg_method="fast")  # type: ignore[arg-type]
+
+
+def test_evaluation_generates_the_weights_once_per_epoch(make_trainer: Trainers, monkeypatch) -> None:
+    """A test epoch over 3 tasks × several batches with task inference generates weights in one hypernet call,
+    and scores exactly what generating them per batch scores."""
+    from tests.continual.conftest import TinyTasks, optimizers
+
+    dm = TinyTasks(num_tasks=3, eval_batch_size=4)  # 3 batches per task
+    kwargs = dict(num_tasks=3, input_dim=4, output_dim=2, hidden=(8,), hnet_hidden=(8,), chunk_size=20, emb_dim=2)
+    model = HyperContinualModule(**kwargs, **optimizers(1e-2))  # type: ignore[arg-type]
+    make_trainer(max_epochs=3, reload_dataloaders_every_n_epochs=1).fit(model, datamodule=dm)
+    calls = []
+    flat = model.hnet.flat
+    monkeypatch.setattr(model.hnet, "flat", lambda cond: calls.append(len(cond)) or flat(cond))
+    make_trainer().test(model, datamodule=dm, verbose=False)
+    cached = model.test_scores.clone()
+    assert calls == [3] and model._eval_weights is None  # one call for the 3 seen tasks; freed after the epoch
+    monkeypatch.setattr(model, "_evaluation_weights", lambda tasks: None)  # generate per batch instead
+    make_trainer().test(model, datamodule=dm, verbose=False)
+    assert len(calls) > 3
+    torch.testing.assert_close(model.test_scores, cached, rtol=0, atol=0)
+    assert bool((cached[0] > 0.7).all())  # a real score: the tasks were learned
+
+
+def test_official_xavier_initialisation() -> None:
+    kwargs = dict(num_tasks=3, input_dim=6, output_dim=2, hidden=(5,), hnet_hidden=(7, 4), chunk_size=20, emb_dim=3)
+    m = HyperContinualModule(**kwargs, hnet_init="xavier", emb_init_std=0.5)  # type: ignore[arg-type]
+    for name, p in m.hnet.named_parameters():
+        if p.dim() == 1:
+            assert bool((p == 0).all()), name
+        elif name != "chunk_embeddings":
+            fan_out, fan_in = p.shape
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            assert float(p.abs().max()) <= bound and float(p.abs().max()) > 0.5 * bound, name
+    assert 0.2 < float(m.task_embeddings.std()) < 1.0  # N(0, 0.5²): 9 draws
+    torch.manual_seed(0)
+    a = HyperContinualModule(**kwargs, hnet_init="xavier")  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    b = HyperContinualModule(**kwargs)  # type: ignore[arg-type]
+    b_state = {k: v.clone() for k, v in b.state_dict().items()}
+    b.reset_hypernetwork()  # the same draws after the default init's: the constructor option is this call
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert not torch.equal(b_state["hnet.head.weight"], b.hnet.head.weight.detach())
+    with pytest.raises(ValueError, match="hnet_init must be"):
+        HyperContinualModule(**kwargs, hnet_init="kaiming")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="drop hnet_out_init_std"):
+        HyperContinualModule(**kwargs, hnet_init="xavier", hnet_out_init_std=0.01)  # type: ignore[arg-type]
+
+
 def test_compression_ratio_counts_embeddings() -> None:
     m = HyperContinualModule(
         num_tasks=5, input_dim=784, output_dim=10, hidden=(100, 100), hnet_hidden=(25, 25), chunk_size=1000, emb_dim=8

@@ -16,6 +16,9 @@ from hyperlit.continual.interop import copy_from_hypnettorch
 from hyperlit.continual.regularizer import (
     ParameterSnapshot,
     compute_targets,
+    gram_is_cheaper,
+    gram_regularization_loss,
+    hnet_features,
     hnet_flat,
     lookahead_delta,
     output_regularizer,
@@ -24,7 +27,7 @@ from hyperlit.continual.regularizer import (
 )
 from hyperlit.nn.hypernet import HyperNetwork
 
-SHAPES = {"net.0.weight": [12, 9], "net.0.bias": [12], "net.2.weight": [4, 12], "net.2.bias": [4]}  # P = 220
+SHAPES = {"net.0.weight": [12, 9], "net.0.bias": [12], "net.2.weight": [4, 12], "net.2.bias": [4]}  # P = 172
 T, COND, CHUNK_EMB = 5, 6, 3
 
 
@@ -112,6 +115,59 @@ def test_online_targets_and_lookahead_match(chunked: bool) -> None:
     g_ref = torch.autograd.grad(expected, list(ref.unconditional_params))
     g_ours = dict(zip([n for n, _ in ours.named_parameters()], torch.autograd.grad(got, list(ours.parameters()))))
     torch.testing.assert_close(g_ours["head.weight"], g_ref[-2 if not chunked else -3], rtol=1e-6, atol=1e-10)
+
+
+def test_gram_form_equals_calc_fix_target_reg_with_lookahead() -> None:
+    """The Gram form against hypnettorch itself: online targets from θ*, look-ahead Δθ, chunks with a remainder."""
+    ref, ours, emb = _pair(chunked=True)  # P = 172 in chunks of 50: the last chunk uses 22 of its 50 outputs
+    prev_theta = [p.detach().clone() for p in ref.unconditional_params]
+    prev_embs = [p.detach().clone() for p in ref.conditional_params]
+    theta_star = ParameterSnapshot(ours)
+    theta_star.copy_from(ours)
+    _perturb(ref, ours)
+    d_ref, d_ours = _delta_pairs(ref, ours)
+    expected = hreg.calc_fix_target_reg(ref, 3, dTheta=d_ref, prev_theta=prev_theta, prev_task_embs=prev_embs)
+    got = gram_regularization_loss(ours, emb[:3], theta_star.as_dict(), delta=d_ours)
+    assert float(expected.detach()) > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 50, 43, 300], ids=["full", "remainder", "exact", "one-chunk"])
+def test_gram_form_value_and_gradients_equal_the_materialized_sum(chunk_size: int | None) -> None:
+    """Same value and the same gradients w.r.t. every hypernet parameter and the (moving) embeddings, float64."""
+    torch.manual_seed(0)
+    hnet = HyperNetwork(SHAPES, cond_dim=COND, hidden=(16, 7), activation="elu", chunk_size=chunk_size).double()
+    theta_star = ParameterSnapshot(hnet)
+    theta_star.copy_from(hnet)
+    emb_star = torch.randn(4, COND, dtype=torch.float64)
+    with torch.no_grad():
+        for p in hnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    emb = (emb_star + 0.1 * torch.randn_like(emb_star)).requires_grad_(True)
+    delta = {n: 0.01 * torch.randn_like(p) for n, p in hnet.named_parameters()}
+    inputs = [emb, *hnet.parameters()]
+    star = theta_star.as_dict()
+    direct = regularization_loss(hnet, emb, theta_star=star, target_embeddings=emb_star, delta=delta)
+    gram = gram_regularization_loss(hnet, emb, star, target_embeddings=emb_star, delta=delta)
+    torch.testing.assert_close(gram, direct, rtol=1e-10, atol=0)
+    for g_gram, g_direct in zip(torch.autograd.grad(gram, inputs), torch.autograd.grad(direct, inputs)):
+        torch.testing.assert_close(g_gram, g_direct, rtol=1e-8, atol=1e-12)
+    # at θ = θ*, e = e* the penalty and its gradient are exactly zero
+    zero = gram_regularization_loss(hnet, emb_star, {n: p.detach() for n, p in hnet.named_parameters()})
+    assert float(zero.detach()) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_hnet_features_feed_the_output_layer_and_gram_choice() -> None:
+    hnet = HyperNetwork(SHAPES, cond_dim=COND, hidden=(16, 16), chunk_size=50)
+    cond = torch.randn(3, COND)
+    feats = hnet_features(hnet, cond)
+    assert feats.shape == (3, hnet.num_chunks, 16)
+    torch.testing.assert_close(hnet.head(feats).reshape(3, -1)[:, :172], hnet.flat(cond))
+    with pytest.raises(ValueError, match="conditions must have shape"):
+        hnet_features(hnet, cond[0])
+    # 4 chunks, 16 features: the Gram form from k·4 >= 4·17 rows, i.e. k >= 17; never for an unchunked hypernet
+    assert not gram_is_cheaper(hnet, 16) and gram_is_cheaper(hnet, 17)
+    assert not gram_is_cheaper(HyperNetwork(SHAPES, cond_dim=COND, hidden=(4,)), 1000)
 
 
 def test_random_subset_is_a_mean_over_the_drawn_tasks() -> None:

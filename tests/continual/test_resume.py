@@ -42,8 +42,11 @@ def _setup(data_dir: Path, **overrides: object) -> tuple[HyperContinualModule, P
     return model, dm
 
 
-def test_resume_mid_task_reproduces_accuracy_matrix(make_trainer: Trainers, fake_mnist_dir, tmp_path) -> None:
-    model, dm = _setup(fake_mnist_dir)
+@pytest.mark.parametrize("reg_method", ["materialize", "gram"])  # stored targets | the θ* snapshot
+def test_resume_mid_task_reproduces_accuracy_matrix(
+    make_trainer: Trainers, fake_mnist_dir, tmp_path, reg_method: str
+) -> None:
+    model, dm = _setup(fake_mnist_dir, reg_method=reg_method)
     # two optimizers (θ, embeddings): global_step counts 2 per batch, so 12 steps = 6 batches
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=12, save_top_k=-1, filename="{step}")
     make_trainer(max_epochs=3, callbacks=[ckpt], enable_checkpointing=True).fit(model, dm)
@@ -54,7 +57,7 @@ def test_resume_mid_task_reproduces_accuracy_matrix(make_trainer: Trainers, fake
         state = torch.load(path, weights_only=False)
         assert int(state["state_dict"]["current_task"]) == task and int(state["state_dict"]["step_in_task"]) == 6
         assert "continual" not in state and state["hyperlit"]["module"] == "HyperContinualModule"
-        resumed, dm2 = _setup(fake_mnist_dir)
+        resumed, dm2 = _setup(fake_mnist_dir, reg_method=reg_method)
         with torch.no_grad():  # a different initialisation: everything must come from the checkpoint
             for p in resumed.parameters():
                 p.add_(1.0)

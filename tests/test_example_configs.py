@@ -46,6 +46,7 @@ OVERRIDES: dict[str, list[str]] = {
     "br_mnist_local.yaml": _MNIST_SPLITS,
     "br_mnist_perweight.yaml": [*_MNIST_SPLITS, "--data.init_args.train_size", "100"],
     "cl_permuted_mnist.yaml": [*_MNIST_SPLITS, *_FEW_STEPS],
+    "cl_permuted_mnist_cpu.yaml": [*_MNIST_SPLITS, *_FEW_STEPS],
     "cl_regression1d.yaml": _FEW_STEPS,
     "cl_split_mnist.yaml": [*_MNIST_SPLITS, *_FEW_STEPS],
     "phn_adult.yaml": _UCI,

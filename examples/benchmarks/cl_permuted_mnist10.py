@@ -282,8 +282,9 @@ def _hnt_evaluate(mnet: Any, hnet: Any, dm: PermutedMNISTDataModule, seen: int, 
         for batch in loader:
             out = _hnt_outputs(mnet, weights, batch["x"], list(range(seen)) if infer else [task])
             correct += int((out[task if infer else 0].argmax(-1) == batch["y"]).sum())
-            if infer:
-                correct_inf += int((entropy_task_inference(out)[1] == batch["y"]).sum())
+            if infer:  # correct: the inferred task and the class within it (the class-incremental score)
+                inferred_task, pred = entropy_task_inference(out)
+                correct_inf += int(((pred == batch["y"]) & (inferred_task == task)).sum())
             n += len(batch["y"])
         given[task] = correct / n
         inferred[task] = correct_inf / n

@@ -126,7 +126,9 @@ def task_score_sums(
     """The four sums of one batch of one task (float64, shape (4,)), added up by :func:`task_scores`.
 
     ``[examples, correct with the task given | summed squared error, correct with the task inferred, examples whose
-    task is inferred right]``. Classification counts correct argmax predictions; regression sums the squared error
+    task is inferred right]``. Classification counts correct argmax predictions; with the task inferred an example
+    is correct only if both its task and its class within that task are right (the class-incremental score of the
+    official code, the class ``argmax + task · C`` against the global label); regression sums the squared error
     averaged over output dimensions. The last two need ``candidates``, the (K, B, C) outputs of every candidate
     task (:func:`entropy_task_inference`), of which ``given`` is row ``task``; without them they are 0.
 
@@ -143,8 +145,9 @@ def task_score_sums(
         sums[1] = (given.argmax(-1) == target).sum()
         if candidates is not None:
             inferred, pred = entropy_task_inference(candidates)
-            sums[2] = (pred == target).sum()
-            sums[3] = (inferred == task).sum()
+            right_task = inferred == task
+            sums[2] = ((pred == target) & right_task).sum()
+            sums[3] = right_task.sum()
     elif task_type == "regression":
         err = (given.double() - target.view_as(given).double()).pow(2)
         sums[1] = err.mean(-1).sum() if err.dim() > 1 else err.sum()

@@ -39,7 +39,8 @@ class EWCContinualModule(ContinualModule):
     """Online EWC on a plain network (``ewc_lambda=0``: fine-tuning of the plain network).
 
     The diagonal Fisher of each task is estimated while the task is trained, from per-example gradients of the
-    task loss (vectorized with ``vmap``) on every ``fisher_every``-th batch, as an exponential moving average
+    task loss (for networks of ``nn.Linear`` layers from one forward and one backward pass, otherwise vectorized
+    with ``vmap``; see :func:`~hyperlit.continual.ewc.per_example_grad_sq`) on every ``fisher_every``-th batch, as an exponential moving average
     (decay ``fisher_decay`` per estimate, bias-corrected), so it reflects the parameters near the end of the task; at
     the next task
     boundary it is added to the running Fisher (``F ← γ F + F_t``) and θ* is set to the current parameters.

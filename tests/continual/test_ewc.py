@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 from torch import nn
 
 from hyperlit.checkpoint import CheckpointMismatchError
-from hyperlit.continual import EWCContinualModule
+from hyperlit.continual import EWCContinualModule, baselines
+from hyperlit.continual import ewc as ewc_module
+from hyperlit.continual.ewc import per_example_grad_sq
 from tests.continual.conftest import TinyTasks, adam
 from tests.continual.test_target import small_cnn
 
@@ -157,3 +160,197 @@ def test_user_network_requirements_are_named() -> None:
     shared = _ewc(target=small_cnn(), heads="shared", infer_task=False)
     assert shared.net[-1].out_features == 2
     assert shared(torch.randn(3, 1, 8, 8), 1).shape == (3, 2)
+
+
+# --- the nn.Linear fast path of per_example_grad_sq ----------------------------------------------------------------
+
+
+def _heads_loss(kind: str, head: int, classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One example's loss on ``head``'s slice of a multihead output, as EWCContinualModule builds it."""
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = out.reshape(len(out), -1, classes)[:, head]
+        if kind == "ce":
+            return nn.functional.cross_entropy(logits, y)
+        return nn.functional.mse_loss(logits, y)
+
+    return loss
+
+
+def _targets(kind: str, n: int, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randint(0, classes, (n,)) if kind == "ce" else torch.randn(n, classes, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", ["ce", "mse"])
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_linear_fisher_equals_vmap_for_a_multihead_mlp(
+    kind: str, dtype: torch.dtype, rtol: float, inplace: bool
+) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3 * 4))
+    net = net.to(dtype)
+    x = torch.randn(10, 6, dtype=dtype)
+    y = _targets(kind, 10, 4, dtype)
+    params = dict(net.named_parameters())
+    for head in (0, 2):
+        loss = _heads_loss(kind, head, 4)
+        fast = per_example_grad_sq(net, params, loss, x, y, method="linear")
+        slow = per_example_grad_sq(net, params, loss, x, y, method="vmap")
+        assert set(fast) == set(params) and float(fast["4.weight"].sum()) > 0
+        for n in params:
+            assert fast[n].dtype == dtype and fast[n].shape == params[n].shape
+            torch.testing.assert_close(
+                fast[n], slow[n], rtol=rtol, atol=rtol * 1e-3 * float(slow[n].detach().abs().max())
+            )
+        # the other heads' rows get no gradient, in both
+        rows = torch.ones(12, dtype=torch.bool)
+        rows[4 * head : 4 * head + 4] = False
+        assert float(fast["4.weight"][rows].abs().sum()) == 0 and float(fast["4.bias"][rows].abs().sum()) == 0
+    some = {n: params[n] for n in ("0.bias", "4.weight")}  # a subset: the others are fixed
+    fast = per_example_grad_sq(net, some, _heads_loss(kind, 1, 4), x, y, method="linear")
+    slow = per_example_grad_sq(net, some, _heads_loss(kind, 1, 4), x, y, method="vmap")
+    assert set(fast) == set(some)
+    for n in some:
+        torch.testing.assert_close(fast[n], slow[n], rtol=rtol, atol=rtol * 1e-3 * float(slow[n].detach().abs().max()))
+
+
+class _Twice(nn.Module):
+    """One nn.Linear applied twice per example (weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+class _Positions(nn.Module):
+    """An nn.Linear applied at every position of a sequence (input (B, L, in)), then pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x.view(len(x), 2, 2).repeat(1, 1, 2))).sum(1)
+
+
+class _Tied(nn.Module):
+    """An output layer that reuses the first layer's weight outside an nn.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x)) @ self.lin.weight
+
+
+class _AsInput(nn.Module):
+    """A weight given to ``F.linear`` as its input (with B = 5 rows, as many as the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(nn.functional.linear(self.lin.weight, x).T)
+
+
+def _tied_layers() -> nn.Module:
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    net[2].weight = net[0].weight  # two nn.Linear modules, one weight
+    return net
+
+
+def _conv() -> nn.Module:
+    return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2, padding=1), nn.Flatten(), nn.Linear(18, 3))
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (_conv, r"parameter '1\.weight' is not the weight or bias of an nn\.Linear"),
+        (_Twice, r"parameter 'lin\.weight' is used more than once in a forward pass \(shared weights\)"),
+        (_tied_layers, r"parameter '0\.weight' is used more than once in a forward pass \(shared weights\)"),
+        (_Positions, r"gets input \(5, 2, 4\), not \(B=5, in\) \(applied at several positions per example\)"),
+        (_Tied, r"parameter 'lin\.weight' is used by 'matmul', not only by an nn\.Linear"),
+        (_AsInput, r"parameter 'lin\.weight' is used by 'linear' as its input, not as its weight or bias"),
+        (lambda: small_cnn(outputs=3).eval(), r"parameter '0\.weight' is not the weight or bias"),
+    ],
+)
+def test_other_networks_fall_back_to_vmap_and_agree(make: Callable[[], nn.Module], reason: str) -> None:
+    torch.manual_seed(0)
+    net = make()
+    x = torch.randn(5, 1, 8, 8) if isinstance(net, nn.Sequential) and len(net) == 6 else torch.randn(5, 4)
+    y = torch.randint(0, 3, (5,))
+    params = dict(net.named_parameters())
+    loss = nn.functional.cross_entropy
+    with pytest.raises(ValueError, match=reason):
+        per_example_grad_sq(net, params, loss, x, y, method="linear")
+    auto = per_example_grad_sq(net, params, loss, x, y)
+    slow = per_example_grad_sq(net, params, loss, x, y, method="vmap")
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}  # and both equal a loop over the examples
+    for i in range(len(x)):
+        grads = torch.autograd.grad(
+            loss(net(x[i : i + 1]), y[i : i + 1]), list(params.values()), allow_unused=True, materialize_grads=True
+        )
+        for n, g in zip(params, grads):
+            expected[n] += g.pow(2) / len(x)
+    for n in params:
+        torch.testing.assert_close(auto[n], slow[n], rtol=0, atol=0, msg=n)
+        torch.testing.assert_close(auto[n], expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_linear_path_refuses_batch_coupling_and_bad_method() -> None:
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    dropout = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 3))
+    loss = nn.functional.cross_entropy
+    with pytest.raises(ValueError, match=r"dropout '1' is in training mode \(random per example\)"):
+        per_example_grad_sq(dropout, dict(dropout.named_parameters()), loss, x, y, method="linear")
+    norm = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"BatchNorm '1' uses batch statistics \(examples are not independent\)"):
+        per_example_grad_sq(norm, dict(norm.named_parameters()), loss, x, y, method="linear")
+    norm.eval()  # running statistics: each example on its own, the fast path applies
+    fast = per_example_grad_sq(norm, dict(norm.named_parameters()), loss, x, y, method="linear")
+    slow = per_example_grad_sq(norm, dict(norm.named_parameters()), loss, x, y, method="vmap")
+    for n in fast:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match=r"method must be 'auto', 'linear' or 'vmap', got 'loop'"):
+        per_example_grad_sq(norm, dict(norm.named_parameters()), loss, x, y, method="loop")  # type: ignore[arg-type]
+
+
+def _no_vmap(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+    raise AssertionError("the vmap path was taken")
+
+
+def test_ewc_module_takes_the_linear_path_with_unchanged_fisher(
+    make_trainer: Trainers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pl.seed_everything(0)
+    m = _ewc(heads="multihead", num_tasks=3)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    m.net.train()
+    with monkeypatch.context() as patch:
+        patch.setattr(ewc_module, "_vmap_grad_sq", _no_vmap)
+        m._update_fisher(x, y, 1)
+    fast = {n: f.clone() for n, f in m.fisher_running.as_dict().items()}
+    assert m.net.training  # the mode is restored
+    for f in m.fisher_running.as_dict().values():
+        f.zero_()
+    m.fisher_batches.zero_()
+    with monkeypatch.context() as patch:  # the same update again, by the vmap path
+        patch.setattr(baselines, "per_example_grad_sq", functools.partial(per_example_grad_sq, method="vmap"))
+        m._update_fisher(x, y, 1)
+    for n, f in m.fisher_running.as_dict().items():
+        torch.testing.assert_close(fast[n], f, rtol=1e-5, atol=1e-9, msg=n)
+    assert float(fast["net.2.weight"][2:4].sum()) > 0 and float(fast["net.2.weight"][:2].abs().sum()) == 0
+    with monkeypatch.context() as patch:  # training the built-in MLP never takes the vmap path
+        patch.setattr(ewc_module, "_vmap_grad_sq", _no_vmap)
+        trained = _ewc(heads="multihead")
+        make_trainer(max_epochs=2).fit(trained, TinyTasks(steps_per_task=4))
+    assert float(_fisher(trained).sum()) > 0 and torch.isfinite(trained.acc_matrix.tril()).all()

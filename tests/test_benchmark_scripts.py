@@ -28,6 +28,7 @@ SCRIPTS = [
     ("cl_permuted_mnist10.py", ["--threads", "1"], True, "RESULT tasks=3"),
     ("cl_split_cifar10.py", ["--threads", "1"], True, "RESULT tasks=2"),
     ("cl_split_mnist.py", ["--threads", "1"], True, "RESULT splitmnist tasks=5"),
+    ("ewc_fisher_speed.py", ["--quick"], False, "RESULT fisher"),
     ("br_defaults_sweep.py", [], False, "RESULT (2 problems"),
     ("ld_toy.py", [], True, "RESULT λ̂ ="),
 ]

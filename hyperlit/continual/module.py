@@ -113,7 +113,7 @@ class HyperContinualModule(ContinualModule):
             compares them with the targets; ``gram`` gives the same value from Gram matrices of the hypernetwork's
             output layer at a cost independent of k (see :mod:`hyperlit.continual.regularizer`; needs the θ*
             snapshot, kept for it instead of stored targets); ``auto`` (default) takes ``gram`` for chunked
-            hypernetworks from k·C ≥ 4(h+1) regularized rows (h the last hidden size) and ``materialize`` otherwise.
+            hypernetworks from k·C ≥ 3(h+1) regularized rows (h the last hidden size) and ``materialize`` otherwise.
         lookahead: ``none`` (default; hypnettorch) | ``sgd`` | ``adam`` (the paper's, detached).
         train_old_embeddings: Let the regularizer move earlier tasks' embeddings.
         init_emb_from_previous: Start each new task embedding from the previous task's.

@@ -55,9 +55,10 @@ Lookahead = Literal["none", "sgd", "adam"]
 RegMethod = Literal["auto", "materialize", "gram"]
 
 # Per output row, the Gram form costs ~(2(h+1))² multiply-adds and materializing ~k·C·(h+1) plus the (k, P)
-# tensors' memory traffic: the Gram form is chosen from this many regularized rows k·C per feature h+1 on
-# (crossover measured with ``examples/benchmarks/cl_regularizer_benchmark.py``).
-GRAM_ROWS_PER_FEATURE = 4
+# tensors' memory traffic: the Gram form is chosen from this many regularized rows k·C per feature h+1 on. At the
+# PermutedMNIST-10 sizes (C = 28, h = 25) ``examples/benchmarks/cl_regularizer_benchmark.py --settings pm10`` has
+# the materialized form faster at k = 1 (28 rows) and the Gram form faster at k = 3 (84 rows).
+GRAM_ROWS_PER_FEATURE = 3
 
 
 class _Flat(nn.Module):
@@ -220,7 +221,7 @@ def gram_regularization_loss(
 
 
 def gram_is_cheaper(hnet: HyperNetwork, k: int) -> bool:
-    """Whether the Gram form beats materializing k tasks' weights: chunked hypernets with k·C ≥ 4(h+1) rows."""
+    """Whether the Gram form beats materializing k tasks' weights: chunked hypernets with k·C ≥ 3(h+1) rows."""
     if hnet.chunk_embeddings is None:
         return False
     return k * hnet.num_chunks >= GRAM_ROWS_PER_FEATURE * (hnet.head.in_features + 1)

@@ -119,9 +119,9 @@ def test_gram_and_materialized_regularizers_train_identically(make_trainer: Trai
 
 def test_reg_method_auto_picks_the_cheaper_form_per_task() -> None:
     big = dict(num_tasks=12, input_dim=4, output_dim=2, hidden=(5,), hnet_hidden=(6,), heads="multihead", beta=0.1)
-    m = HyperContinualModule(**big, chunk_size=10)  # P = 4·5+5+5·24+24 = 169: 17 chunks; 4·(6+1) = 28 rows
+    m = HyperContinualModule(**big, chunk_size=10)  # P = 4·5+5+5·24+24 = 169: 17 chunks; 3·(6+1) = 21 rows
     assert m.theta_star is not None
-    assert [m.uses_gram(t) for t in range(4)] == [False, False, True, True]  # k·17 >= 28 from k = 2
+    assert [m.uses_gram(t) for t in range(4)] == [False, False, True, True]  # k·17 >= 21 from k = 2
     capped = HyperContinualModule(**big, chunk_size=10, reg_num_tasks=1)
     assert not capped.uses_gram(11)  # one regularized task per step: 17 rows
     full = HyperContinualModule(**big)  # an unchunked hypernet never takes it, and keeps no snapshot

@@ -165,8 +165,8 @@ def test_hnet_features_feed_the_output_layer_and_gram_choice() -> None:
     torch.testing.assert_close(hnet.head(feats).reshape(3, -1)[:, :172], hnet.flat(cond))
     with pytest.raises(ValueError, match="conditions must have shape"):
         hnet_features(hnet, cond[0])
-    # 4 chunks, 16 features: the Gram form from k·4 >= 4·17 rows, i.e. k >= 17; never for an unchunked hypernet
-    assert not gram_is_cheaper(hnet, 16) and gram_is_cheaper(hnet, 17)
+    # 4 chunks, 16 features: the Gram form from k·4 >= 3·17 rows, i.e. k >= 13; never for an unchunked hypernet
+    assert not gram_is_cheaper(hnet, 12) and gram_is_cheaper(hnet, 13)
     assert not gram_is_cheaper(HyperNetwork(SHAPES, cond_dim=COND, hidden=(4,)), 1000)
 
 

@@ -377,6 +377,33 @@ def check_same_start(args: argparse.Namespace) -> float:
     return float((ours - _hnt_outputs(mnet, weights, x, list(range(args.tasks)))).abs().max())
 
 
+def eval_timing(args: argparse.Namespace, seen: int, reps: int = 3) -> None:
+    """Evaluation wall-clock side by side: hyperlit's ``trainer.validate`` over ``seen`` task loaders against the
+    hypnettorch loop's evaluation (generate the weights once, loop over tasks and batches), alternating, median."""
+    dm = make_datamodule(args, 0)
+    mnet, ref = build_hypnettorch(args, 0)
+    model = HyperContinualModule(**target_kwargs(args), **hnet_kwargs(args), infer_task=False)
+    with torch.no_grad():
+        model.task_embeddings.copy_(copy_from_hypnettorch(ref, model.hnet))
+    for task in range(seen):
+        model.start_task(task)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    ours, theirs = [], []
+    for _ in range(reps + 1):  # the first round warms up
+        t0 = time.perf_counter()
+        trainer.validate(model, dm.val_dataloader()[:seen], verbose=False)
+        ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _hnt_evaluate(mnet, ref, dm, seen, infer=False)
+        theirs.append(time.perf_counter() - t0)
+    a, b = float(np.median(ours[1:])), float(np.median(theirs[1:]))
+    n = len(dm.val_dataloader()[0].dataset)  # type: ignore[arg-type]
+    print(
+        f"RESULT eval seen={seen} images_per_task={n}: hyperlit trainer.validate {a:.2f} s, hypnettorch loop "
+        f"{b:.2f} s (median of {reps}), ratio {a / b:.2f}"
+    )
+
+
 # -- reporting --------------------------------------------------------------------------------------------------
 def _ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     v = np.asarray(values, dtype=float) * scale
@@ -523,6 +550,13 @@ def main() -> None:
         help="checkpoint every learner after each task here and resume a killed run from it (same arguments)",
     )
     parser.add_argument(
+        "--eval_timing",
+        type=int,
+        default=None,
+        metavar="SEEN",
+        help="only time one evaluation of SEEN tasks, hyperlit against the hypnettorch loop (no training)",
+    )
+    parser.add_argument(
         "--report", nargs="+", default=None, help="print one table from JSON files written by --save (no training)"
     )
     args = parser.parse_args()
@@ -537,6 +571,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no per-fit "GPU available" banners
     warnings.filterwarnings("ignore", message=".*treespec.*")
+    if args.eval_timing is not None:
+        eval_timing(args, args.eval_timing)
+        return
     print(
         f"PermutedMNIST-{args.tasks}: {args.steps} steps/task, batch {args.batch}, Adam lr {args.lr}, seeds "
         f"{args.seeds}; target MLP 1024-{'-'.join(map(str, args.hidden))}-({args.tasks}x10 heads); hypernets: "

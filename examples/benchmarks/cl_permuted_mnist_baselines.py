@@ -35,7 +35,7 @@ def run(model: ContinualModule, args: argparse.Namespace) -> tuple[dict[str, flo
         batch_size=128,
         eval_batch_size=1000,
     )
-    _, train_s, eval_s = fit_lightning(model, dm)
+    _, train_s, eval_s, _ = fit_lightning(model, dm)
     return model.cl_summary(), train_s + eval_s
 
 

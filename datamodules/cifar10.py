@@ -25,7 +25,7 @@ torchvision's archive (``download_and_extract_archive`` with its md5) into ``dat
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,18 @@ def find_cifar10_folder(data_dir: str | Path, files: Sequence[str], dataset: str
         if best is None or len(missing) < len(best):
             best = missing
     raise DatasetNotFoundError(dataset, root, best or [], LAYOUT)
+
+
+def find_or_download(find: Callable[[], Path], data_dir: str | Path, download: bool) -> Path:
+    """``find()``; if it raises :class:`~datamodules.base.DatasetNotFoundError` and ``download``, fetch
+    torchvision's CIFAR-10 archive into ``data_dir`` and look again (otherwise the error stands)."""
+    try:
+        return find()
+    except DatasetNotFoundError:
+        if not download:
+            raise
+        download_and_extract_archive(CIFAR10.url, str(data_dir), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        return find()
 
 
 class CIFAR10Batch(CIFAR10):
@@ -204,15 +216,7 @@ class CIFAR10DataModule(HyperlitDataModule):
 
     def prepare_data(self) -> None:
         """Check the files; with ``download=True`` fetch torchvision's archive into ``data_dir`` when missing."""
-        try:
-            self._find()
-        except DatasetNotFoundError:
-            if not self.download:
-                raise
-            download_and_extract_archive(
-                CIFAR10.url, str(self.data_dir), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
-            )
-            self._find()
+        find_or_download(self._find, self.data_dir, self.download)
 
     def check_integrity(self) -> Path:
         """The folder read; :class:`~datamodules.base.DatasetNotFoundError` for missing files,

@@ -21,11 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import download_and_extract_archive
 
 from datamodules.base import DatasetNotFoundError
-from datamodules.cifar10 import FOLDER, TRAIN_FILES, find_cifar10_folder, load_cifar_batch
+from datamodules.cifar10 import FOLDER, TRAIN_FILES, find_cifar10_folder, find_or_download, load_cifar_batch
 from datamodules.task_sequence import TaskSequenceDataModule
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "SplitCIFAR10DataModule"]
@@ -112,15 +110,7 @@ class SplitCIFAR10DataModule(TaskSequenceDataModule):
 
     def prepare_data(self) -> None:
         """Check the files; with ``download=True`` fetch torchvision's archive into ``data_dir`` when missing."""
-        try:
-            self._find()
-        except DatasetNotFoundError:
-            if not self.download:
-                raise
-            download_and_extract_archive(
-                CIFAR10.url, str(self.data_dir), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
-            )
-            self._find()
+        find_or_download(self._find, self.data_dir, self.download)
 
     def setup(self, stage: str | None = None) -> None:
         if self._images:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import datamodules.split_cifar as split_cifar
+import datamodules.cifar10 as cifar10
 from datamodules import SplitCIFAR10DataModule
 from datamodules.base import DatasetNotFoundError
 from datamodules.cifar10 import load_cifar_batch
@@ -137,13 +137,13 @@ def test_download_goes_through_torchvision_in_prepare_data_only(tmp_path, monkey
         calls.append((url, filename, md5))
         write_fake_cifar(tmp_path, per_batch=10, layout="torchvision")
 
-    monkeypatch.setattr(split_cifar, "download_and_extract_archive", fake_download)
+    monkeypatch.setattr(cifar10, "download_and_extract_archive", fake_download)  # the shared download
     with pytest.raises(DatasetNotFoundError):
         SplitCIFAR10DataModule(data_dir=str(tmp_path)).setup()  # setup never downloads
     assert calls == []
     dm = SplitCIFAR10DataModule(data_dir=str(tmp_path), download=True)
     dm.prepare_data()
-    assert calls == [(split_cifar.CIFAR10.url, split_cifar.CIFAR10.filename, split_cifar.CIFAR10.tgz_md5)]
+    assert calls == [(cifar10.CIFAR10.url, cifar10.CIFAR10.filename, cifar10.CIFAR10.tgz_md5)]
     dm.setup()
     assert sum(dm.task_size(t, "train") for t in range(5)) == 50
     dm.prepare_data()  # files present: no second download

@@ -11,14 +11,16 @@ is a *sum* over all generated weights and the result is a *mean* over the regula
 
 Unlike the reference implementation (one hypernetwork call per previous task in a Python loop), every
 regularized task is generated in **one** batched call ``h(E_S, θ)`` of shape ``(|S|, P)`` (a chunked hypernetwork
-batches ``|S|`` × #chunks rows), so a step costs about the same for 2 or 50 previous tasks.
+batches ``|S|`` × #chunks rows): no Python loop, but the (|S|, P) weights, their difference to the targets and
+their gradients are still formed, so the cost grows with |S| (at P = 2.1 M and 9 previous tasks this materialized
+form measured slower than the reference's loop, ``examples/benchmarks/cl_regularizer_benchmark.py``).
 
 **Gram form.** The hypernetwork's last layer is linear, h(e, θ) = W̃ φ̃(e, θ) per chunk (φ̃ the trunk's features
 with a 1 appended, W̃ = [W | b]). With the snapshot's W̃*, φ̃* and D̃ = W̃ − W̃*, each chunk's difference is
 ``W̃ (φ̃ − φ̃*) + D̃ φ̃*`` = M z with M = [W̃ | D̃] and z = [φ̃ − φ̃*; φ̃*], so the whole sum is
 ``⟨MᵀM, Σ z zᵀ⟩``: two Gram matrices of size 2(h+1), no (k, P) tensor, a cost independent of the number of
-regularized tasks (:func:`gram_regularization_loss`). Both factors are small near the targets (no cancellation
-of large terms); it equals the materialized sum to rounding.
+regularized tasks (:func:`gram_regularization_loss`). Each of its three terms carries a small difference
+(φ̃ − φ̃* or D̃), so no two large numbers are subtracted; it equals the materialized sum to rounding.
 
 Targets h(e^(t), θ*) are either *stored* — a (T−1, P) tensor computed once per task boundary, (T−1)·P·4 bytes —
 or computed *online* from a frozen copy of θ* and of the embeddings, ``|θ|`` + T·d floats, at the cost of one extra

@@ -11,8 +11,8 @@ is a *sum* over all generated weights and the result is a *mean* over the regula
 
 Unlike the reference implementation (one hypernetwork call per previous task in a Python loop), every
 regularized task is generated in **one** batched call ``h(E_S, θ)`` of shape ``(|S|, P)`` (a chunked hypernetwork
-batches ``|S|`` × #chunks rows): no Python loop, but the (|S|, P) weights, their difference to the targets and
-their gradients are still formed, so the cost grows with |S| (at P = 2.1 M and 9 previous tasks this materialized
+batches ``|S|`` × #chunks rows): no Python loop, but the ``(|S|, P)`` weights, their difference to the targets and
+their gradients are still formed, so the cost grows with ``|S|`` (at P = 2.1 M and 9 previous tasks this materialized
 form measured slower than the reference's loop, ``examples/benchmarks/cl_regularizer_benchmark.py``).
 
 **Gram form.** The hypernetwork's last layer is linear, h(e, θ) = W̃ φ̃(e, θ) per chunk (φ̃ the trunk's features

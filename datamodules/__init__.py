@@ -14,6 +14,7 @@ from datamodules.cifar10 import CIFAR10DataModule
 from datamodules.continual_mnist import PermutedMNISTDataModule, SplitMNISTDataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.mnist import MNISTDataModule
+from datamodules.multi_mnist import MultiMNISTDataModule
 from datamodules.ptb import PTBDataModule
 from datamodules.regression1d import Regression1DDataModule
 from datamodules.split_cifar import SplitCIFAR10DataModule
@@ -30,6 +31,7 @@ __all__ = [
     "DigitsDataModule",
     "HyperlitDataModule",
     "MNISTDataModule",
+    "MultiMNISTDataModule",
     "PTBDataModule",
     "PermutedMNISTDataModule",
     "Regression1DDataModule",

@@ -23,6 +23,8 @@ SCRIPTS = [
     ("stn_lstm_throughput.py", ["--threads", "1"], False, "tokens/s"),
     ("best_response_benchmark.py", [], False, "median over seeds"),
     ("pareto_benchmark.py", ["--threads", "1"], True, "RESULT fronts"),
+    ("pareto_comparison.py", ["--threads", "1"], True, "RESULT pareto_comparison"),
+    ("pareto_epo_variants.py", ["--threads", "1"], True, "RESULT speed"),
     ("cl_regularizer_benchmark.py", [], False, "ours T=50 / ours T=2"),
     ("cl_permuted_mnist_baselines.py", [], True, "hypernetwork (beta="),
     ("cl_permuted_mnist10.py", ["--threads", "1"], True, "RESULT tasks=3"),

@@ -49,6 +49,7 @@ OVERRIDES: dict[str, list[str]] = {
     "cl_permuted_mnist_cpu.yaml": [*_MNIST_SPLITS, *_FEW_STEPS],
     "cl_regression1d.yaml": _FEW_STEPS,
     "cl_split_mnist.yaml": [*_MNIST_SPLITS, *_FEW_STEPS],
+    "cosmos_adult.yaml": _UCI,
     "phn_adult.yaml": _UCI,
     "phn_bank.yaml": _UCI,
     "phn_default.yaml": _UCI,

@@ -3,6 +3,9 @@
 * Training rays: ``r ~ Dir(α)`` (Navon et al. 2021, §4; α = 0.2), drawn from a generator seeded by
   ``(seed, step)`` so every DDP rank draws the same ray without communication and a resumed run repeats the
   rays of an uninterrupted one.
+* Stratified training rays (PHN-HVI, Hoang et al. 2023, ``partition=True``; m = 2): ray k's angle drawn from
+  the k-th of K equal bins of ``[0.1, π/2 − 0.1]``, ``r = (cos θ, sin θ)/(cos θ + sin θ)``; and HVI's optional
+  ray rescaling ``r·randint(1, 5)·|N(1, 0.2)|`` (:func:`ray_scales`), both from ``(seed, step)`` as well.
 * Test rays: 25 evenly spaced angles in ``[0.1, π/2 − 0.1]`` for m = 2 (official ``circle_points``), a
   Das–Dennis simplex-lattice (interior points) for m ≥ 3.
 * Hypervolume (minimization) from ``moocore``; the reference point travels with the result.
@@ -29,7 +32,9 @@ __all__ = [
     "evaluation_rays",
     "hypervolume",
     "non_uniformity",
+    "ray_scales",
     "sample_rays",
+    "stratified_rays",
     "uniformity",
     "validate_ray",
 ]
@@ -74,6 +79,30 @@ def sample_rays(
     rays = np.clip(rays, min_value, None)
     rays /= rays.sum(-1, keepdims=True)
     return torch.as_tensor(rays, dtype=torch.float32)
+
+
+def stratified_rays(
+    num_rays: int, seed: int, step: int, min_angle: float = 0.1, max_angle: float = math.pi / 2 - 0.1
+) -> Tensor:
+    """(K, 2) rays with ray k's angle ``θ_k ~ U(lo + kΔ, lo + (k+1)Δ)``, ``Δ = (hi − lo)/K`` (PHN-HVI's
+    stratified sampling), ``r_k = (cos θ_k, sin θ_k)/(cos θ_k + sin θ_k)``; generator seeded by ``(seed, step)``."""
+    if num_rays < 1:
+        raise ValueError(f"rays per step must be >= 1, got {num_rays}")
+    if not 0 <= min_angle < max_angle <= math.pi / 2:
+        raise ValueError(f"stratified rays need 0 <= min_angle < max_angle <= pi/2, got {min_angle}, {max_angle}")
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step)])
+    delta = (max_angle - min_angle) / num_rays
+    theta = min_angle + (np.arange(num_rays) + rng.uniform(size=num_rays)) * delta
+    pts = np.stack([np.cos(theta), np.sin(theta)], axis=1)
+    return torch.as_tensor(pts / pts.sum(1, keepdims=True), dtype=torch.float32)
+
+
+def ray_scales(num_rays: int, seed: int, step: int) -> Tensor:
+    """(K,) factors ``randint(1, 5)·|N(1, 0.2)|`` (integers 1–4) of PHN-HVI's ray rescaling trick, one per ray,
+    from a generator seeded by ``(seed, step)`` (a stream of its own: the rays do not change with it)."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), 1])
+    scale = rng.integers(1, 5, size=num_rays) * np.abs(rng.normal(1.0, 0.2, size=num_rays))
+    return torch.as_tensor(scale, dtype=torch.float32)
 
 
 def circle_rays(n: int = 25, min_angle: float = 0.1, max_angle: float = math.pi / 2 - 0.1) -> Tensor:

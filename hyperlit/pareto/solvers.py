@@ -1,12 +1,15 @@
-"""Multi-objective solvers: linear scalarization and Exact Pareto Optimal (EPO) search.
+"""Multi-objective solvers: linear scalarization, Exact Pareto Optimal (EPO) search and HV-gradient weights (HVI).
 
-Both turn a (K, m) matrix of losses — m objectives for each of K preference rays — into one scalar to
+All turn a (K, m) matrix of losses — m objectives for each of K preference rays — into one scalar to
 backpropagate, ``mean_k Σ_j w_kj ℓ_kj`` with constant weights ``w``:
 
 * **LS** (Navon et al. 2021, PHN-LS): ``w_k = r_k``.
 * **EPO** (Mahapatra & Rajan, ICML 2020, §4; PHN-EPO): ``w_k = m·β_k`` where β_k solves a small linear program
   built from the Gram matrix ``C = G Gᵀ`` of the per-objective gradients G (m × P) and the adjustment vector
   ``a`` that points towards the *exact Pareto optimal* ray ``r_1ℓ_1 = … = r_mℓ_m``.
+* **HVI** (Hoang et al., AAAI 2023, PHN-HVI): ``w_k`` = the unit-normalised hypervolume gradient of the K
+  solutions' losses (per non-dominated front, dynamic reference point), minus ``λ·mean_k cos(ℓ_k, r_k)``, a
+  penalty that pulls ``ℓ_k`` onto the ray ``r_k`` (``ℓ ∝ r``; EPO's convention is ``ℓ ∝ r⁻¹``).
 
 The LP is solved with ``scipy.optimize.linprog(method="highs")``. When it cannot be used (a loss ≤ 0 or not
 finite, a non-finite Gram matrix, an infeasible or failed LP) the weights fall back to ``r/Σr`` like the
@@ -21,16 +24,21 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linprog
 from torch import Tensor
+
+from hyperlit.pareto.hv_gradient import hypervolume_gradient, nondominated_fronts
 
 __all__ = [
     "EPOResult",
     "EPOSolver",
+    "HVISolver",
     "LinearScalarizationSolver",
     "SolverOutput",
     "epo_adjustments",
     "epo_lp",
+    "hv_weights",
     "make_solver",
     "objective_gradients",
     "weighted_loss",
@@ -247,6 +255,95 @@ class EPOSolver:
             modes=[r.mode for r in results],
             reasons=[r.reason for r in results if r.reason],
         )
+
+
+def hv_weights(losses: Tensor | np.ndarray, ref_point: Sequence[float], ref_factor: float = 1.1) -> np.ndarray:
+    """PHN-HVI's weights (Hoang et al. 2023, HVI ``HvMaximization.compute_weights``) of (K, m) losses → (K, m).
+
+    Non-dominated sorting into fronts; per front the hypervolume gradient ``−∂HV/∂ℓ``
+    (:func:`~hyperlit.pareto.hv_gradient.hypervolume_gradient`) against the dynamic reference point
+    ``max(ref_point, ref_factor·max_k ℓ_k)`` (per objective, over all K solutions); then each solution's weight
+    vector scaled to unit L2 norm (an all-zero vector — duplicates, ties — stays zero).
+    """
+    arr = losses.detach().cpu().double().numpy() if isinstance(losses, Tensor) else np.asarray(losses, np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"HV weights need (K, m) losses, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"HV weights of non-finite losses {arr.tolist()}")
+    ref = np.asarray(ref_point, dtype=np.float64)
+    if ref.shape != (arr.shape[1],):
+        raise ValueError(f"reference point {ref.tolist()} must have {arr.shape[1]} entries (one per objective)")
+    ref = np.maximum(ref, ref_factor * arr.max(0))
+    fronts = nondominated_fronts(arr)
+    grad = np.zeros_like(arr)
+    for f in np.unique(fronts):  # a few fronts of K points: CPU work like EPO's LPs
+        rows = fronts == f
+        grad[rows] = hypervolume_gradient(arr[rows], ref)
+    norm = np.linalg.norm(grad, axis=1, keepdims=True)
+    return np.divide(grad, norm, out=np.zeros_like(grad), where=norm > 0)
+
+
+class HVISolver:
+    """PHN-HVI (Hoang et al., AAAI 2023): HV-gradient weights plus a cosine penalty towards the rays.
+
+    ``loss = mean_k Σ_j w_kj ℓ_kj − λ·mean_k cos(ℓ_k, r_k)`` (``weighting="intended"``, the paper's objective) or
+    ``mean_k (Σ_j w_kj)(Σ_j ℓ_kj)/m − λ·mean_k cos(ℓ_k, r_k)`` (``"as_coded"``: the HVI code's broadcast of a
+    (m, 1) weight by an (m,) loss vector, where the weights only rescale the summed losses and the trade-off
+    comes from the cosine term). The weights w (:func:`hv_weights`) are constants; the cosine term keeps its
+    gradient. Rays of any positive scale give the same cosine.
+
+    Args:
+        ref_point: Static reference point of the HV weights (the dynamic one is ``max(ref, 1.1·max ℓ)``).
+        penalty: λ of the cosine term (HVI: 5 on Multi-MNIST, 4 on Multi-Fashion(+MNIST)).
+        weighting: ``intended`` or ``as_coded``, see above.
+    """
+
+    name = "hvi"
+    needs_gradients = False
+
+    def __init__(
+        self,
+        ref_point: Sequence[float],
+        penalty: float = 5.0,
+        weighting: Literal["intended", "as_coded"] = "intended",
+    ) -> None:
+        if penalty < 0:
+            raise ValueError(f"hvi_penalty must be >= 0, got {penalty}")
+        if weighting not in ("intended", "as_coded"):
+            raise ValueError(f"hvi_weighting must be 'intended' or 'as_coded', got {weighting!r}")
+        self.ref_point = tuple(float(v) for v in ref_point)
+        self.penalty = float(penalty)
+        self.weighting = weighting
+
+    def __call__(
+        self,
+        losses: Tensor,
+        rays: Tensor,
+        gradients: GradientFn | None = None,
+        *,
+        weight_losses: Tensor | None = None,
+        cosine_only: bool = False,
+    ) -> SolverOutput:
+        """The step's loss from (K, m) ``losses`` at (K, m) ``rays``.
+
+        Args:
+            losses: This process's losses (attached to the graph).
+            rays: The rays given to the hypernetwork.
+            gradients: Unused (HVI needs no per-objective gradients).
+            weight_losses: Losses the HV weights are computed from (under DDP the rank mean, so every rank uses
+                the same weights); default ``losses``.
+            cosine_only: Only ``−mean_k cos(ℓ_k, r_k)`` (HVI's warm-up phase); the weights are still reported.
+        """
+        source = losses if weight_losses is None else weight_losses
+        w = torch.as_tensor(hv_weights(source, self.ref_point), dtype=losses.dtype, device=losses.device)
+        cosine = F.cosine_similarity(losses, rays.detach().to(losses), dim=-1).mean()
+        if cosine_only:
+            return SolverOutput(-cosine, w)
+        if self.weighting == "intended":
+            hv_term = weighted_loss(losses, w)
+        else:
+            hv_term = (w.sum(-1) * losses.sum(-1)).mean() / losses.shape[-1]
+        return SolverOutput(hv_term - self.penalty * cosine, w)
 
 
 def make_solver(name: str, epo_eps: float = 1e-4) -> LinearScalarizationSolver | EPOSolver:

@@ -1,4 +1,4 @@
-"""ParetoHyperNetModule under DDP (2 CPU processes, gloo, ``ddp_spawn``), PHN-LS and PHN-EPO.
+"""ParetoHyperNetModule under DDP (2 CPU processes, gloo, ``ddp_spawn``), PHN-LS, PHN-EPO and PHN-HVI.
 
 * Rays come from ``(seed, ray_step)``: every rank records the rays it trained on, and they agree step by step.
 * EPO solves its LP on the all-reduced (rank-mean) losses and per-objective gradients
@@ -8,6 +8,9 @@
   rank r takes examples r, r + 2, ...) the 2-process run equals one process within ``atol=1e-5, rtol=1e-4``:
   the multi-task cross-entropies are batch means, so the rank mean of the per-rank losses/gradients is the
   global batch's. (The fairness gaps are not batch means; that case is checked for rank agreement only.)
+* PHN-HVI computes its HV weights from the all-reduced losses
+  (:meth:`~hyperlit.pareto.module.ParetoModuleBase.all_reduce_for_hvi`) and its cosine penalty from the rank-mean
+  losses with the gradient through the rank's own: identical weights on the ranks, the single-process result.
 * No unused-parameter error: the target runs functionally, its own parameters are frozen.
 * The validation front (:class:`~hyperlit.pareto.front_metric.FrontStatistics`, a sum state reduced by
   torchmetrics) is the whole split's: ``val/hv``, ``val/uniformity`` and the objective means logged by both ranks
@@ -75,6 +78,12 @@ class RecordingPHN(ParetoHyperNetModule):
         self.trace["lp_losses"].append(lp_losses.tolist())
         self.trace["lp_gram"].append((lp_grads @ lp_grads.transpose(-1, -2)).tolist())
         return lp_losses, lp_grads
+
+    def all_reduce_for_hvi(self, losses: Tensor) -> Tensor:
+        self.trace["local_losses"].append(losses.tolist())
+        reduced = super().all_reduce_for_hvi(losses)
+        self.trace["lp_losses"].append(reduced.tolist())
+        return reduced
 
     def _apply_step(self, out: SolverOutput, losses: Tensor, batch_size: int) -> None:
         self.trace["w"].append(out.weights.tolist())
@@ -160,12 +169,16 @@ def _t(values: Any) -> Tensor:
 
 
 # each case: one 2-process spawn + one 1-process fit, 28 s on 2 idle cores (56-63 s at load 6); EPO, the case with
-# hand-made all-reduces, runs by default, LS (plain DDP gradient averaging) with the slow tests
-@pytest.mark.parametrize("solver", [pytest.param("ls", marks=pytest.mark.slow), "epo"])
+# hand-made all-reduces, runs by default, LS (plain DDP gradient averaging) and HVI (one all-reduce of the losses)
+# with the slow tests
+@pytest.mark.parametrize(
+    "solver", [pytest.param("ls", marks=pytest.mark.slow), "epo", pytest.param("hvi", marks=pytest.mark.slow)]
+)
 def test_phn_ranks_agree_and_match_one_process(tmp_path: Path, solver: str) -> None:
-    init = {k: v.reshape(-1) for k, v in _phn(tmp_path, solver).state_dict().items()}
-    ranks, traces = _run(tmp_path / "ddp", solver, devices=2)
-    single, single_trace = _run(tmp_path / "single", solver, devices=1)
+    extra: dict[str, Any] = {"ray_sampling": "stratified", "hvi_penalty": 1.0} if solver == "hvi" else {}
+    init = {k: v.reshape(-1) for k, v in _phn(tmp_path, solver, **extra).state_dict().items()}
+    ranks, traces = _run(tmp_path / "ddp", solver, devices=2, **extra)
+    single, single_trace = _run(tmp_path / "single", solver, devices=1, **extra)
     single, single_trace = single[0], single_trace[0]
 
     # hypernetwork weights and counters bit-identical on both ranks
@@ -179,7 +192,7 @@ def test_phn_ranks_agree_and_match_one_process(tmp_path: Path, solver: str) -> N
     assert len(traces[0]["rays"]) == 12
     assert traces[0]["rays"] == traces[1]["rays"] == single_trace["rays"]
     assert len({json.dumps(r) for r in traces[0]["rays"]}) == 12  # a fresh ray pair every step
-    assert traces[0]["w"] == traces[1]["w"]  # identical solver weights (LS: the rays; EPO: m·β from one LP)
+    assert traces[0]["w"] == traces[1]["w"]  # identical solver weights (LS: the rays; EPO: m·β; HVI: HV weights)
     torch.testing.assert_close(_t(traces[0]["w"]), _t(single_trace["w"]), atol=1e-5, rtol=1e-4)
 
     if solver == "epo":
@@ -197,6 +210,14 @@ def test_phn_ranks_agree_and_match_one_process(tmp_path: Path, solver: str) -> N
         torch.testing.assert_close(_t(traces[0]["lp_losses"]), _t(single_trace["lp_losses"]), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(_t(traces[0]["lp_gram"]), _t(single_trace["lp_gram"]), atol=1e-5, rtol=1e-4)
         assert not torch.equal(_t(traces[0]["w"]), _t(traces[0]["rays"]) * 2)  # the LP did not just return m·r
+    elif solver == "hvi":
+        local0, local1 = _t(traces[0]["local_losses"]), _t(traces[1]["local_losses"])
+        assert len(local0) == 12 and not torch.allclose(local0, local1)
+        assert traces[0]["lp_losses"] == traces[1]["lp_losses"]  # the HV weights' losses: the rank mean
+        torch.testing.assert_close(_t(traces[0]["lp_losses"]), (local0 + local1) / 2, atol=1e-6, rtol=1e-6)
+        assert traces[0]["step_losses"] == traces[0]["local_losses"]  # logged/backpropagated: the rank's own
+        w = _t(traces[0]["w"])
+        assert (w >= 0).all() and torch.allclose(w.norm(dim=-1), torch.ones(12, 2, dtype=w.dtype), atol=1e-6)
     else:
         assert traces[0]["local_losses"] == []  # LS needs no per-objective gradients
 

@@ -138,7 +138,7 @@ class StratifiedBatchSampler(BatchSampler):
 
     @property
     def epoch(self) -> int:
-        """The epoch of the order: ``sampler.epoch`` (0 if it has none)."""
+        """The epoch whose order is drawn, ``sampler.epoch`` (0 if it has none)."""
         return int(getattr(self.sampler, "epoch", 0))
 
     def set_epoch(self, epoch: int) -> None:

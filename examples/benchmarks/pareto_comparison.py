@@ -374,7 +374,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", default=None, help="where the generated Multi-MNIST arrays are cached")
     parser.add_argument("--json", type=Path, default=None, help="save after every run; runs already there are skipped")
-    parser.add_argument("--from-json", type=Path, default=None, help="only print the comparisons of a saved run")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="only print the comparisons of saved runs (several files: their runs joined)")  # fmt: skip
     parser.add_argument("--data-dir", default=os.environ.get("HYPERLIT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     args = parser.parse_args()
     if args.quick:
@@ -391,9 +392,16 @@ def main() -> None:
         f"load average at start {load[0]:.2f}"
     )
     if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
-        print(f"comparisons of {args.from_json}: {saved['config']}")
-        summarize(saved["results"], saved["config"]["datasets"])
+        joined: Results = {}
+        datasets: list[str] = []
+        for path in args.from_json:
+            saved = json.loads(path.read_text())
+            print(f"comparisons of {path}: {saved['config']}")
+            for name, methods in saved["results"].items():
+                for method, runs in methods.items():
+                    joined.setdefault(name, {}).setdefault(method, {}).update(runs)
+            datasets += [d for d in saved["config"]["datasets"] if d not in datasets]
+        summarize(joined, datasets)
         return
     results: Results = {}
     if args.json is not None and args.json.exists():

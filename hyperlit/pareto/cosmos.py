@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from hyperlit.models.mlp import MLP
-from hyperlit.pareto.metrics import evaluation_rays, sample_rays, validate_ray
-from hyperlit.pareto.module import ParetoHyperNetModule, ParetoModuleBase, _batch_inputs
+from hyperlit.pareto.metrics import sample_rays, validate_ray
+from hyperlit.pareto.module import RayConditionedModule, _batch_inputs
 from hyperlit.pareto.objectives import ObjectiveSet
 from hyperlit.pareto.solvers import SolverOutput
 
@@ -225,7 +225,7 @@ def cosmos_loss(
     return ((losses * rays).sum(-1) - cosine_penalty * cos).mean(), cos
 
 
-class CosmosModule(ParetoModuleBase):
+class CosmosModule(RayConditionedModule):
     """COSMOS over any target ``nn.Module`` (default: an MLP ``in_dim + m → target_hidden → out_dim``).
 
     Args:
@@ -308,31 +308,7 @@ class CosmosModule(ParetoModuleBase):
             eval_metric,
             nan_policy,
         )
-        m = self.num_objectives
-        if eval_rays is not None:
-            rays = torch.stack([validate_ray(r, m) for r in eval_rays])
-        else:
-            rays = evaluation_rays(m, num_test_rays, test_ray_partitions)
-        self.register_buffer("_front_rays", rays, persistent=False)
-        if predict_ray is not None and predict_rays is not None:
-            raise ValueError("give predict_ray (one ray) or predict_rays (several), not both")
-        self._predict_ray: Tensor | None = None
-        self._predict_rays: Tensor | None = None
-        self.predict_ray = predict_ray
-        self.predict_rays = predict_rays
-
-    # the prediction rays are PHN's (validated on assignment, not stored in checkpoints)
-    predict_ray = ParetoHyperNetModule.predict_ray
-    predict_rays = ParetoHyperNetModule.predict_rays
-
-    @override
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """PHN's :meth:`~hyperlit.pareto.module.ParetoHyperNetModule.predict_step` over the conditioned network.
-
-        ``{"ray": (m,), "predictions": (B, …)}`` for ``predict_ray``, ``{"rays": (R, m), "predictions": (R, B, …)}``
-        for ``predict_rays``; :meth:`~hyperlit.pareto.module.ParetoModuleBase.gather_predictions` joins the batches.
-        """
-        return ParetoHyperNetModule.predict_step(self, batch, batch_idx, dataloader_idx)  # type: ignore[arg-type]
+        self._init_rays(eval_rays, num_test_rays, test_ray_partitions, predict_ray, predict_rays)
 
     # -- construction ----------------------------------------------------------------------------------------
     @property
@@ -399,11 +375,6 @@ class CosmosModule(ParetoModuleBase):
         return [p for p in self.conditioner.parameters() if p.requires_grad]
 
     # -- rays and outputs ------------------------------------------------------------------------------------
-    @property
-    @override
-    def front_rays(self) -> Tensor:
-        return self._front_rays
-
     def training_rays(self) -> Tensor:
         """The K rays of the current step, from ``(seed, ray_step)``: the same on every rank, no broadcast."""
         hp = self.hparams

@@ -53,7 +53,7 @@ from hyperlit.pareto.metrics import (
 from hyperlit.pareto.objectives import ObjectiveSet, resolve_objectives
 from hyperlit.pareto.solvers import HVISolver, SolverOutput, make_solver, objective_gradients
 
-__all__ = ["ParetoHyperNetModule", "ParetoModuleBase"]
+__all__ = ["ParetoHyperNetModule", "ParetoModuleBase", "RayConditionedModule"]
 
 
 def _batch_inputs(batch: Any) -> Tensor:
@@ -433,7 +433,85 @@ class ParetoModuleBase(HyperlitModule):
         return metric.compute()
 
 
-class ParetoHyperNetModule(ParetoModuleBase):
+class RayConditionedModule(ParetoModuleBase):
+    """What the modules that answer at *any* preference ray share (PHN, COSMOS): the fixed evaluation rays and the
+    prediction ray(s) of ``predict_step``.
+
+    Subclasses call :meth:`_init_rays` in ``__init__`` and implement ``weights_for_rays`` (what ``_outputs`` runs
+    for (R, m) rays).
+    """
+
+    def _init_rays(
+        self,
+        eval_rays: list[list[float]] | None,
+        num_test_rays: int,
+        test_ray_partitions: int,
+        predict_ray: list[float] | None,
+        predict_rays: list[list[float]] | None,
+    ) -> None:
+        m = self.num_objectives
+        if eval_rays is not None:
+            rays = torch.stack([validate_ray(r, m) for r in eval_rays])
+        else:
+            rays = evaluation_rays(m, num_test_rays, test_ray_partitions)
+        self.register_buffer("_front_rays", rays, persistent=False)
+        if predict_ray is not None and predict_rays is not None:
+            raise ValueError("give predict_ray (one ray) or predict_rays (several), not both")
+        self._predict_ray: Tensor | None = None
+        self._predict_rays: Tensor | None = None
+        self.predict_ray = predict_ray
+        self.predict_rays = predict_rays
+
+    @property
+    def predict_ray(self) -> list[float] | None:
+        return None if self._predict_ray is None else self._predict_ray.tolist()
+
+    @predict_ray.setter
+    def predict_ray(self, ray: Sequence[float] | Tensor | None) -> None:
+        self._predict_ray = None if ray is None else validate_ray(ray, self.num_objectives)
+
+    @property
+    def predict_rays(self) -> list[list[float]] | None:
+        return None if self._predict_rays is None else self._predict_rays.tolist()
+
+    @predict_rays.setter
+    def predict_rays(self, rays: Sequence[Sequence[float]] | Tensor | None) -> None:
+        if rays is not None and len(rays) == 0:
+            raise ValueError("predict_rays is empty: give at least one ray, or None")
+        self._predict_rays = None if rays is None else torch.stack([validate_ray(r, self.num_objectives) for r in rays])
+
+    @property
+    @override
+    def front_rays(self) -> Tensor:
+        return self._front_rays
+
+    # -- prediction --------------------------------------------------------------------------------------------
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Predictions (``objective_set.predict``, e.g. probabilities) of the networks of the prediction ray(s).
+
+        Returns ``{"ray": (m,), "predictions": (B, …)}`` for ``predict_ray``, or ``{"rays": (R, m),
+        "predictions": (R, B, …)}`` for ``predict_rays``; :meth:`~ParetoModuleBase.gather_predictions` joins the batches of
+        ``trainer.predict``.
+        """
+        if self._predict_ray is not None and self._predict_rays is not None:
+            raise ValueError("both predict_ray and predict_rays are set: set one of them to None")
+        rays = self._predict_rays if self._predict_rays is not None else self._predict_ray
+        if rays is None:
+            raise ValueError(
+                "predict needs a preference ray: pass --model.predict_ray '[r1, ..., rm]' (or several with "
+                f"--model.predict_rays '[[...], [...]]'; {self.num_objectives} non-negative entries summing to 1) or "
+                "set module.predict_ray"
+            )
+        with torch.no_grad():
+            rays_2d = rays if rays.dim() == 2 else rays[None]
+            preds = self.objective_set.predict(self._outputs(self.weights_for_rays(rays_2d), _batch_inputs(batch)))
+        if rays.dim() == 2:
+            return {"rays": rays.clone(), "predictions": preds}
+        return {"ray": rays.clone(), "predictions": preds[0]}
+
+
+class ParetoHyperNetModule(RayConditionedModule):
     """PHN-LS / PHN-EPO / PHN-HVI over any target ``nn.Module`` (default: an MLP ``in_dim → target_hidden → out_dim``).
 
     Args:
@@ -576,17 +654,7 @@ class ParetoHyperNetModule(ParetoModuleBase):
                 f"ray_sampling='stratified' draws angles on the quarter circle and needs m = 2 objectives, got m={m} "
                 f"{list(self.objective_set.names)}: use ray_sampling='dirichlet'"
             )
-        if eval_rays is not None:
-            rays = torch.stack([validate_ray(r, m) for r in eval_rays])
-        else:
-            rays = evaluation_rays(m, num_test_rays, test_ray_partitions)
-        self.register_buffer("_front_rays", rays, persistent=False)
-        if predict_ray is not None and predict_rays is not None:
-            raise ValueError("give predict_ray (one ray) or predict_rays (several), not both")
-        self._predict_ray: Tensor | None = None
-        self._predict_rays: Tensor | None = None
-        self.predict_ray = predict_ray
-        self.predict_rays = predict_rays
+        self._init_rays(eval_rays, num_test_rays, test_ray_partitions, predict_ray, predict_rays)
 
     @override
     def _build_weights(self, target: nn.Module) -> None:
@@ -602,29 +670,6 @@ class ParetoHyperNetModule(ParetoModuleBase):
         )
 
     # -- rays ----------------------------------------------------------------------------------------------
-    @property
-    def predict_ray(self) -> list[float] | None:
-        return None if self._predict_ray is None else self._predict_ray.tolist()
-
-    @predict_ray.setter
-    def predict_ray(self, ray: Sequence[float] | Tensor | None) -> None:
-        self._predict_ray = None if ray is None else validate_ray(ray, self.num_objectives)
-
-    @property
-    def predict_rays(self) -> list[list[float]] | None:
-        return None if self._predict_rays is None else self._predict_rays.tolist()
-
-    @predict_rays.setter
-    def predict_rays(self, rays: Sequence[Sequence[float]] | Tensor | None) -> None:
-        if rays is not None and len(rays) == 0:
-            raise ValueError("predict_rays is empty: give at least one ray, or None")
-        self._predict_rays = None if rays is None else torch.stack([validate_ray(r, self.num_objectives) for r in rays])
-
-    @property
-    @override
-    def front_rays(self) -> Tensor:
-        return self._front_rays
-
     def training_rays(self) -> Tensor:
         """The K rays of the current step, from ``(seed, ray_step)``: the same on every rank, no broadcast."""
         hp = self.hparams
@@ -713,28 +758,3 @@ class ParetoHyperNetModule(ParetoModuleBase):
         self._apply_step(out, losses, x.shape[0])
         self.ray_step += 1
         return out.loss.detach()
-
-    # -- prediction --------------------------------------------------------------------------------------------
-    @override
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Predictions (``objective_set.predict``, e.g. probabilities) of the networks of the prediction ray(s).
-
-        Returns ``{"ray": (m,), "predictions": (B, …)}`` for ``predict_ray``, or ``{"rays": (R, m),
-        "predictions": (R, B, …)}`` for ``predict_rays``; :meth:`~ParetoModuleBase.gather_predictions` joins the batches of
-        ``trainer.predict``.
-        """
-        if self._predict_ray is not None and self._predict_rays is not None:
-            raise ValueError("both predict_ray and predict_rays are set: set one of them to None")
-        rays = self._predict_rays if self._predict_rays is not None else self._predict_ray
-        if rays is None:
-            raise ValueError(
-                "predict needs a preference ray: pass --model.predict_ray '[r1, ..., rm]' (or several with "
-                f"--model.predict_rays '[[...], [...]]'; {self.num_objectives} non-negative entries summing to 1) or "
-                "set module.predict_ray"
-            )
-        with torch.no_grad():
-            rays_2d = rays if rays.dim() == 2 else rays[None]
-            preds = self.objective_set.predict(self._outputs(self.weights_for_rays(rays_2d), _batch_inputs(batch)))
-        if rays.dim() == 2:
-            return {"rays": rays.clone(), "predictions": preds}
-        return {"ray": rays.clone(), "predictions": preds[0]}

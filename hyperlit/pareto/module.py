@@ -394,7 +394,7 @@ class ParetoModuleBase(HyperlitModule):
 
     @staticmethod
     def gather_predictions(outputs: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Join the per-batch outputs of ``trainer.predict`` (dicts of :meth:`~ParetoHyperNetModule.predict_step`) along the batch axis.
+        """Join the per-batch outputs of ``trainer.predict`` (dicts of :meth:`~RayConditionedModule.predict_step`) along the batch axis.
 
         ``{"ray": (m,), "predictions": (N, …)}`` or ``{"rays": (R, m), "predictions": (R, N, …)}``.
         """
@@ -437,7 +437,7 @@ class RayConditionedModule(ParetoModuleBase):
     """What the modules that answer at *any* preference ray share (PHN, COSMOS): the fixed evaluation rays and the
     prediction ray(s) of ``predict_step``.
 
-    Subclasses call :meth:`_init_rays` in ``__init__`` and implement ``weights_for_rays`` (what ``_outputs`` runs
+    Subclasses call ``_init_rays`` in ``__init__`` and implement ``weights_for_rays`` (what ``_outputs`` runs
     for (R, m) rays).
     """
 

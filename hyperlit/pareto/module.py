@@ -526,9 +526,9 @@ class ParetoHyperNetModule(RayConditionedModule):
         epo_gradients: Gradients the EPO LP sees: w.r.t. the hypernetwork parameters φ (``hypernet``, as in
             the paper) or w.r.t. the generated target weights θ(r) (``target``; a cheaper variant — m instead of
             K·m backward passes through a much smaller vector, but ignores how φ couples the rays). ``hypernet``
-            stays the default: at the same training CPU time the ``target`` variant takes more steps but reached
-            no higher test hypervolume on Adult, Default or Bank over 3 seeds; PHN-LS reached the highest
-            hypervolume per CPU second of the three
+            stays the default: at the same training CPU time the ``target`` variant takes more steps, but its
+            test hypervolume on Adult, Default and Bank (3 seeds) was within seed noise of ``hypernet``'s (higher
+            on Default, lower on Adult and Bank); PHN-LS reached the highest hypervolume per CPU second of the three
             (``docs/benchmarks.md`` §2, ``examples/benchmarks/pareto_epo_variants.py``).
         epo_eps: Non-uniformity threshold between EPO's balance and dominance LPs.
         alpha: Dirichlet concentration of the training rays (paper: 0.2).

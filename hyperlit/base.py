@@ -214,11 +214,12 @@ class HyperlitModule(pl.LightningModule):
     def build_optimizer(
         self, factory: OptimizerFactory, params: Iterable[nn.Parameter] | list[dict[str, Any]], name: str
     ) -> torch.optim.Optimizer:
-        """``factory(params)`` with fused kernels when possible (not under fp16 AMP, whose fused steps can't clip)."""
+        """``factory(params)`` with fused kernels when possible (not under mixed precision: Lightning's
+        ``MixedPrecision`` plugin refuses to clip the gradients of a fused optimizer, fp16 or bf16)."""
         fuse = True
         if self._trainer is not None:
             precision = str(self.trainer.precision)
-            fuse = not precision.startswith("16")
+            fuse = not (precision.startswith("16") or precision.endswith("-mixed"))
         return build_optimizer(factory, params, name, fuse=fuse)
 
     def build_scheduler(self, factory: SchedulerFactory | None, optimizer: torch.optim.Optimizer, name: str) -> Any:

@@ -159,3 +159,26 @@ def test_throttled_logging_writes_exactly_the_rows_of_unthrottled_logging(make_t
         steps[throttled] = _logged_steps(root)
     assert steps[True] == steps[False]
     assert len(steps[True]) == 20 // every
+
+
+class Clipped(Tiny):
+    """``Tiny`` whose step clips its gradients (what Lightning's mixed-precision plugin refuses for fused optimizers)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        (x,) = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self.layer(x).pow(2).mean())
+        self.clip_gradients(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+        opt.step()
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_optimizers_are_fused_except_under_mixed_precision_where_clipping_needs_them_unfused(
+    make_trainer, precision
+) -> None:
+    module = Clipped(optimizer=lambda p: torch.optim.Adam(p, lr=0.1))
+    loader = DataLoader(TensorDataset(torch.randn(8, 3)), batch_size=4)
+    make_trainer(precision=precision).fit(module, loader)  # bf16-mixed + a fused Adam would raise here
+    fused = module.optimizers().optimizer.defaults["fused"]
+    assert fused is (True if precision == "32-true" else None)

@@ -33,6 +33,13 @@ SCRIPTS = [
     ("ewc_fisher_speed.py", ["--quick"], False, "RESULT fisher"),
     ("br_defaults_sweep.py", [], False, "RESULT (2 problems"),
     ("ld_toy.py", [], True, "RESULT λ̂ ="),
+    ("perweight_l2_hpo.py", ["--threads", "1"], True, "RESULT linear unrolled"),
+    (
+        "gpu_check.py",
+        ["--device", "cpu", "--threads", "1", "--modules", "br_perweight,cl_pm10"],
+        False,
+        "RESULT gpu_check: PASS",
+    ),
 ]
 
 

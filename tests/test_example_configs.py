@@ -58,6 +58,16 @@ OVERRIDES: dict[str, list[str]] = {
     "stn_ptb_cpu.yaml": _PTB_VOCAB,
     "stn_cifar10.yaml": [*_CIFAR, "--data.init_args.hyper_batch_size", "8", "--data.init_args.verify_md5", "false"],
     "stn_cifar10_cpu.yaml": _CIFAR,
+    "delta_stn_cifar10.yaml": [
+        *_CIFAR,
+        "--data.init_args.hyper_batch_size",
+        "8",
+        "--data.init_args.verify_md5",
+        "false",
+    ],
+    "delta_stn_cifar10_cpu.yaml": _CIFAR,
+    "implicit_mnist_perweight.yaml": [*_MNIST_SPLITS, "--data.init_args.train_size", "100"],
+    "unrolled_mnist_perweight.yaml": [*_MNIST_SPLITS, "--data.init_args.train_size", "100"],
 }
 
 

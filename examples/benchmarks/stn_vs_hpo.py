@@ -1,4 +1,4 @@
-"""STN against random search, TPE and grid search at equal wall-clock (STN paper §5 / Table 2, at CPU scale).
+"""STN and Δ-STN against random search, TPE and grid search at equal wall-clock (STN paper §5 / Table 2, CPU scale).
 
 Problem: the official small STN CNN (:class:`~hyperlit.models.stn_cnn.StnSmallCNN`) on the shared partial CIFAR-10
 (``datamodules/cifar10.py``, ``partial=True``: the 8,000 / 2,000 train / hyper split of ``data_batch_1`` and the
@@ -10,6 +10,9 @@ entries (``small_cnn_hyperparameters()``), so every method searches the same spa
   on the hyper split, σ tuned with the entropy term); the warm-up, the λ-steps, the per-epoch validation and the
   extra cost of the STN layers all count against its budget. Its selected configuration is its final model at the
   unperturbed λ.
+* **Δ-STN** (Bae & Grosse, NeurIPS 2020): :class:`~hyperlit.tuning.delta_stn.DeltaSelfTuningModule` on the same
+  network and loop settings; the general weights step on the unperturbed training loss, the response parameters
+  (their own SGD optimizer, same settings) on the perturbed, linearized one; evaluated at the general weights.
 * **random search** (``optuna.samplers.RandomSampler``), **TPE** (``TPESampler``) and **grid search**
   (``GridSampler`` over 3 values per hyperparameter, visited in Optuna's seeded random order since the grid does
   not fit): every trial is a *plain* network of the same architecture
@@ -69,10 +72,13 @@ sys.path.insert(0, str(ROOT))
 from datamodules.cifar10 import CIFAR10DataModule  # noqa: E402
 from hyperlit.hparams import Hyperparameter  # noqa: E402
 from hyperlit.models.stn_cnn import StnSmallCNN, small_cnn_hyperparameters  # noqa: E402
+from hyperlit.tuning.delta_stn import DeltaSelfTuningModule  # noqa: E402
 from hyperlit.tuning.fixed_hparams import FixedHyperparameterModule  # noqa: E402
 from hyperlit.tuning.stn import SelfTuningModule  # noqa: E402
 
-METHODS = ("STN", "random", "TPE", "grid")
+METHODS = ("STN", "Delta-STN", "random", "TPE", "grid")
+#: the best-response methods (one run each, selected configuration = the final λ); the others are trial searches
+STN_METHODS = ("STN", "Delta-STN")
 DEFAULT_TUNE = ("dropout0", "dropout1", "dropout2", "indropout", "inscale", "cutlength", "cutholes")
 # STN paper Table 2, CIFAR-10 row (cross-entropy; reference/stn.md §4.3, unverified against the PDF): val, test
 PAPER_CIFAR = {"grid": (0.794, 0.809), "random": (0.921, 0.752), "TPE": (0.636, 0.651), "STN": (0.575, 0.576)}
@@ -211,11 +217,14 @@ class _StnBudget(Callback):
             self.val_seconds = time.perf_counter() - self._v0
 
 
-def run_stn(args: argparse.Namespace, data: dict, space: list[Hyperparameter], seed: int) -> dict[str, Any]:
+def run_stn(
+    args: argparse.Namespace, data: dict, space: list[Hyperparameter], seed: int, delta: bool = False
+) -> dict[str, Any]:
+    """STN, or with ``delta`` Δ-STN (Bae & Grosse 2020: centred, linearized response; w₀ and Θ stepped by their own
+    SGD optimizers with the same settings), from the same initial network and with the same loop settings."""
     clock = _Clock()
     budget = _StnBudget(clock, args.budget, _loader(*data["val"], 500, False))
-    stn = SelfTuningModule(
-        _net(args, seed),
+    kwargs: dict[str, Any] = dict(
         hyperparameters=space,
         plot_schedule=False,
         warmup_epochs=args.stn_warmup_epochs,
@@ -224,6 +233,10 @@ def run_stn(args: argparse.Namespace, data: dict, space: list[Hyperparameter], s
         sigma_optimizer=functools.partial(torch.optim.Adam, lr=args.stn_hyper_lr),
         seed=seed,
     )
+    if delta:
+        stn: SelfTuningModule = DeltaSelfTuningModule(_net(args, seed), response_optimizer=_sgd(args.lr), **kwargs)
+    else:
+        stn = SelfTuningModule(_net(args, seed), **kwargs)
     loaders = {
         "train": _loader(*data["train"], args.batch_size, True, seed),
         "hyper": _loader(*data["val"], args.batch_size, True, seed + 1),
@@ -393,7 +406,7 @@ def plot(results: dict[str, list[dict]], budget: float, path: Path) -> None:
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     grid = [budget * i / 200 for i in range(201)]
-    colors = {"STN": "C3", "random": "C0", "TPE": "C2", "grid": "C1"}
+    colors = {"STN": "C3", "Delta-STN": "C4", "random": "C0", "TPE": "C2", "grid": "C1"}
     for method, runs in results.items():
         for run in runs:
             if run["curve"]:
@@ -406,7 +419,7 @@ def plot(results: dict[str, list[dict]], budget: float, path: Path) -> None:
         ax.plot(grid, mean, color=colors[method], lw=2, label=f"{method} (mean of {len(runs)} seeds)")
     ax.set_xlabel("wall-clock (s)")
     ax.set_ylabel("best hyper-validation loss so far")
-    ax.set_title("STN vs random / TPE / grid search, small CNN on partial CIFAR-10 (CPU, 1 thread)")
+    ax.set_title("STN and Δ-STN vs random / TPE / grid search, small CNN on partial CIFAR-10 (CPU, 1 thread)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -485,12 +498,16 @@ def main() -> None:
         order = list(args.methods[seed % len(args.methods) :]) + list(args.methods[: seed % len(args.methods)])
         print(f"seed {seed}: order {', '.join(order)}", flush=True)
         for method in order:
-            res = run_stn(args, data, space, seed) if method == "STN" else run_search(args, data, space, seed, method)
+            res = (
+                run_stn(args, data, space, seed, delta=method == "Delta-STN")
+                if method in STN_METHODS
+                else run_search(args, data, space, seed, method)
+            )
             results[method].append(res)
             best = min(v for _, v in res["curve"]) if res["curve"] else math.nan
             count = (
                 f"{res['epochs']} epochs, {res['phi_steps']} φ-steps, {res['hyper_steps']} λ-steps"
-                if method == "STN"
+                if method in STN_METHODS
                 else f"{res['trials']} trials (+{res['late']} past the budget)"
             )
             print(
@@ -499,7 +516,7 @@ def main() -> None:
                 flush=True,
             )
             print("          selected: " + ", ".join(f"{k}={v:.3g}" for k, v in res["values"].items()), flush=True)
-            if method == "STN":
+            if method in STN_METHODS:
                 print(f"          best-val checkpoint: val {best:.4f}  test {res['best_test']:.4f}", flush=True)
             if method == "STN" and not args.no_controls:
                 controls.append(run_controls(args, data, space, seed, res))
@@ -517,14 +534,14 @@ def main() -> None:
 
     print()
     header = (
-        f"RESULT {'method':8s} | {'best hyper-val loss':19s} | {'val of selected':17s} | {'test of selected':17s} | "
+        f"RESULT {'method':14s} | {'best hyper-val loss':19s} | {'val of selected':17s} | {'test of selected':17s} | "
         f"{'#trials':>8s} | time to TPE's best"
     )
     print(header)
     for m in args.methods:
         runs = results[m]
         best = [min(v for _, v in r["curve"]) if r["curve"] else math.nan for r in runs]
-        trials = "1 run" if m == "STN" else f"{statistics.mean(r['trials'] for r in runs):.1f}"
+        trials = "1 run" if m in STN_METHODS else f"{statistics.mean(r['trials'] for r in runs):.1f}"
         hits = [t for t in reach[m] if t is not None]
         if not reach[m]:
             ttb = "n/a"
@@ -533,15 +550,15 @@ def main() -> None:
         else:
             ttb = f"not reached (0/{len(reach[m])} seeds)"
         print(
-            f"RESULT {m:8s} | {_ms(best):19s} | {_ms([r['selected_val'] for r in runs]):17s} | "
+            f"RESULT {m:14s} | {_ms(best):19s} | {_ms([r['selected_val'] for r in runs]):17s} | "
             f"{_ms([r['test'] for r in runs]):17s} | {trials:>8s} | {ttb}"
         )
-    if "STN" in results:
-        runs = results["STN"]
+    for m in [m for m in STN_METHODS if m in results]:
+        runs = results[m]
         print(
-            f"RESULT {'STN ckpt':8s} | {_ms([min(v for _, v in r['curve']) for r in runs]):19s} | "
+            f"RESULT {m + ' ckpt':14s} | {_ms([min(v for _, v in r['curve']) for r in runs]):19s} | "
             f"{_ms([min(v for _, v in r['curve']) for r in runs]):17s} | {_ms([r['best_test'] for r in runs]):17s} | "
-            f"{'1 run':>8s} | (STN selecting its best-val checkpoint instead of its final model)"
+            f"{'1 run':>8s} | (selecting its best-val checkpoint instead of its final model)"
         )
     if controls:
         print("Table 1 controls (plain CNN from the STN's initial weights, as many φ-steps as the STN):")

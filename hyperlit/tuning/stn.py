@@ -110,6 +110,12 @@ class SelfTuningModule(BilevelModule):
         self.save_hyperparameters(ignore=["net"])
 
     # -- helpers ----------------------------------------------------------------------------------------
+    def hnet_input(self, lam: Tensor) -> Tensor:
+        """What the hypernetwork sees for per-example unconstrained values ``lam`` (B, H): the space's mapping
+        (unconstrained or constrained values, STN eq. 9); :class:`~hyperlit.tuning.delta_stn.DeltaSelfTuningModule`
+        centres it at the current λ."""
+        return self.space.hnet_input(lam)
+
     def hparam_dict(self, unconstrained: Tensor) -> dict[str, Tensor]:
         """Constrained per-example values by name (detached: regularizers never carry gradient to λ)."""
         values = self.space.constrained(unconstrained.detach())
@@ -124,7 +130,7 @@ class SelfTuningModule(BilevelModule):
     def forward(self, x: Tensor, lam: Tensor | None = None) -> Tensor:
         """Predictions at per-example unconstrained hyperparameters ``lam`` (default: the current λ, unperturbed)."""
         lam = self.space.repeat(x.shape[0]) if lam is None else lam
-        return self.net(x, self.space.hnet_input(lam), self.hparam_dict(lam), generator=self.rng)
+        return self.net(x, self.hnet_input(lam), self.hparam_dict(lam), generator=self.rng)
 
     # -- the two objectives -------------------------------------------------------------------------
     @override
@@ -133,7 +139,7 @@ class SelfTuningModule(BilevelModule):
         x, y = self.unpack_batch(batch)
         hp = self.hparam_dict(lam)
         x = self.net.augment(x, hp, generator=self.rng)
-        hnet = self.space.hnet_input(lam)
+        hnet = self.hnet_input(lam)
         out = self.net(x, hnet, hp, generator=self.rng)
         loss = self._loss(out, y)
         penalty = self.net.penalty(hnet, hp)
@@ -149,7 +155,7 @@ class SelfTuningModule(BilevelModule):
     def hyper_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """Held-out loss (eval mode, no augmentation); λ's gradient flows only through the hypernet input."""
         x, y = self.unpack_batch(batch)
-        out = self.net(x, self.space.hnet_input(lam), self.hparam_dict(lam))
+        out = self.net(x, self.hnet_input(lam), self.hparam_dict(lam))
         return self._loss(out, y)
 
     @override
@@ -158,7 +164,7 @@ class SelfTuningModule(BilevelModule):
         x, y = self.unpack_batch(batch)
         lam = self.space.repeat(x.shape[0])
         # one shared row (stride-0 expansion): STN layers fold W + diag(Vλ̃) W_h once and run plain matmuls
-        hnet = self.space.hnet_input(lam[:1]).expand(x.shape[0], -1)
+        hnet = self.hnet_input(lam[:1]).expand(x.shape[0], -1)
         out = self.net(x, hnet, self.hparam_dict(lam))
         return self._loss(out, y), ((out, y) if self.loss_name == "cross_entropy" else None)
 

@@ -34,6 +34,7 @@ SCRIPTS = [
     ("br_defaults_sweep.py", [], False, "RESULT (2 problems"),
     ("ld_toy.py", [], True, "RESULT λ̂ ="),
     ("perweight_l2_hpo.py", ["--threads", "1"], True, "RESULT linear unrolled"),
+    ("hypergradient_cost.py", [], False, "RESULT hidden=0 implicit/step="),
     (
         "gpu_check.py",
         ["--device", "cpu", "--threads", "1", "--modules", "br_perweight,cl_pm10"],

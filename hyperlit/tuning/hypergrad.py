@@ -34,10 +34,10 @@ Solvers for ``v`` (each a callable ``solver(hvp, b) -> (x, info)`` returning ``x
 
 ``Hypergradient.hvps`` counts the solver's HVPs **plus one** for the mixed product.
 
-HVPs (:func:`make_hvp`): ``forward-over-reverse`` (default, ``jvp(grad(L_T))``, no stored graph, the closure is
-re-run per product) or ``reverse-over-reverse`` (``vjp(grad(L_T))``, one graph stored and reused by every product;
-the fallback where an operator lacks forward-mode AD, and the faster one when per-operator overhead dominates, as
-on tiny CPU problems).
+HVPs (:func:`make_hvp`): ``reverse-over-reverse`` (default, ``vjp(grad(L_T))``, one graph stored and reused by every
+product; also the only one where an operator lacks forward-mode AD) or ``forward-over-reverse`` (``jvp(grad(L_T))``,
+no stored graph, the closure re-run per product: less memory, but on the CPU about ten times slower per Neumann
+hypergradient of a 784-10 or 784-50-10 model, see ``docs/benchmarks.md``).
 
 **Unrolled differentiation** (:func:`unrolled_hypergradient`; reverse mode, Franceschi et al., ICML 2017; truncated
 to the last ``K`` steps, Shaban et al., AISTATS 2019). ``steps = T`` SGD steps with heavy-ball momentum ``μ``
@@ -192,15 +192,15 @@ def make_hvp(
     train_loss: Callable[[Params, Params], Tensor],
     w: Params,
     lam: Params,
-    mode: HVPMode = "forward-over-reverse",
+    mode: HVPMode = "reverse-over-reverse",
 ) -> Callable[[Params], Params]:
     """``v ↦ H v`` with ``H = ∂²L_T/∂w²`` at ``(w, lam)``, through :mod:`torch.func`.
 
-    ``forward-over-reverse`` (default) is ``jvp(grad(L_T))``: no graph is stored, but the closure is re-run at
-    every product (a stochastic closure, e.g. fresh dropout masks, changes ``H`` between products: fix its
-    randomness). ``reverse-over-reverse`` is ``vjp(grad(L_T))``: one forward/backward kept in memory and reused
-    for every product (use it where an operator lacks forward-mode AD: the forward-over-reverse product then raises
-    a :class:`RuntimeError` that says so).
+    ``reverse-over-reverse`` (default) is ``vjp(grad(L_T))``: one forward/backward kept in memory and reused for
+    every product (it also works where an operator lacks forward-mode AD). ``forward-over-reverse`` is
+    ``jvp(grad(L_T))``: no graph is stored, but the closure is re-run at every product (a stochastic closure, e.g.
+    fresh dropout masks, changes ``H`` between products: fix its randomness); where an operator lacks forward-mode
+    AD it raises a :class:`RuntimeError` that says so.
 
     Args:
         train_loss: ``(w, lam) -> scalar``.
@@ -451,7 +451,7 @@ def implicit_hypergradient(
     lam: Params,
     solver: InverseHVPSolver,
     *,
-    hvp_mode: HVPMode = "forward-over-reverse",
+    hvp_mode: HVPMode = "reverse-over-reverse",
 ) -> Hypergradient:
     """IFT hypergradient ``dL_V/dλ = ∂L_V/∂λ − (∂²L_T/∂λ∂w) H⁻¹ (∂L_V/∂w)ᵀ`` (Lorraine et al. 2020, Alg. 2).
 

@@ -58,6 +58,7 @@ from hyperlit.tuning.bilevel import BilevelModule
 from hyperlit.tuning.hypergrad import (
     ConjugateGradientSolver,
     ExactSolver,
+    HVPMode,
     Hypergradient,
     HypergradientError,
     IdentitySolver,
@@ -452,6 +453,9 @@ class ImplicitDifferentiationModule(HypergradientModule):
             :func:`~hyperlit.tuning.hypergrad.largest_hessian_eigenvalue`).
         damping: ``δ >= 0`` added to ``H`` for every solver (``(H + δI)⁻¹``; makes indefinite Hessians usable).
         tol: CG's relative-residual tolerance.
+        hvp_mode: How Hessian-vector products are taken (see :func:`~hyperlit.tuning.hypergrad.make_hvp`):
+            ``reverse-over-reverse`` (one stored graph reused by every product; the faster one on the CPU) or
+            ``forward-over-reverse`` (no stored graph, less memory).
         **kwargs: The loop's settings: see :class:`HypergradientModule`.
     """
 
@@ -463,8 +467,11 @@ class ImplicitDifferentiationModule(HypergradientModule):
         alpha: float | Literal["lr"] = 0.01,
         damping: float = 0.0,
         tol: float = 1e-10,
+        hvp_mode: HVPMode = "reverse-over-reverse",
         **kwargs: Any,
     ) -> None:
+        if hvp_mode not in ("reverse-over-reverse", "forward-over-reverse"):
+            raise ValueError(f"hvp_mode must be 'reverse-over-reverse' or 'forward-over-reverse', got {hvp_mode!r}")
         if solver not in ("neumann", "cg", "identity", "exact"):
             raise ValueError(f"solver must be 'neumann', 'cg', 'identity' or 'exact', got {solver!r}")
         if alpha != "lr" and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
@@ -477,6 +484,7 @@ class ImplicitDifferentiationModule(HypergradientModule):
         super().__init__(model, **kwargs)
         self.solver, self.iterations, self.alpha = solver, iterations, alpha
         self.damping, self.tol = float(damping), float(tol)
+        self.hvp_mode = hvp_mode
         self.make_solver(0.1)  # bad settings fail here, not at the first hyper step
 
     def make_solver(self, lr: float) -> InverseHVPSolver:
@@ -506,7 +514,12 @@ class ImplicitDifferentiationModule(HypergradientModule):
         try:
             hg = self.hypergradient_or_handle(
                 lambda: implicit_hypergradient(
-                    self.train_loss_fn(train_batch), self.val_loss_fn(hyper_batch), w, self.lam_detached(), solver
+                    self.train_loss_fn(train_batch),
+                    self.val_loss_fn(hyper_batch),
+                    w,
+                    self.lam_detached(),
+                    solver,
+                    hvp_mode=self.hvp_mode,
                 )
             )
         finally:

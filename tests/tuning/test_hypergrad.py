@@ -303,7 +303,9 @@ def test_missing_forward_ad_points_to_reverse_over_reverse() -> None:
         return p.train_loss(w, lam) + _NoForwardAD.apply(w["w"]).sum()
 
     with pytest.raises(RuntimeError, match="hvp_mode='reverse-over-reverse'"):
-        implicit_hypergradient(train_loss, p.val_loss, p.w, p.lams, NeumannSolver(1, 0.1))
+        implicit_hypergradient(
+            train_loss, p.val_loss, p.w, p.lams, NeumannSolver(1, 0.1), hvp_mode="forward-over-reverse"
+        )
     hv = make_hvp(train_loss, p.w, p.lams, "reverse-over-reverse")({"w": torch.ones(p.d, dtype=F64)})
     torch.testing.assert_close(hv["w"], (p.hessian() + 2 * torch.eye(p.d, dtype=F64)) @ torch.ones(p.d, dtype=F64))
 

@@ -307,6 +307,7 @@ def test_bad_training_hyperparameters_are_refused() -> None:
         (ImplicitDifferentiationModule, {"solver": "cg", "iterations": 0}, "iterations must be an int >= 1"),
         (ImplicitDifferentiationModule, {"iterations": -1}, "iterations must be an int >= 0"),
         (ImplicitDifferentiationModule, {"damping": -1.0}, "damping must be"),
+        (ImplicitDifferentiationModule, {"hvp_mode": "forward"}, "hvp_mode must be"),
         (ImplicitDifferentiationModule, {"loss": "hinge"}, "loss must be"),
         (ImplicitDifferentiationModule, {"warmup_steps": -1}, "warmup_steps must be"),
         (ImplicitDifferentiationModule, {"hyper_every": 0}, "hyper_every must be"),

@@ -56,6 +56,8 @@ OVERRIDES: dict[str, list[str]] = {
     "ptb_lstm_baseline.yaml": [*_PTB_VOCAB, *_SMALL_LSTM],
     "stn_ptb.yaml": [*_PTB_VOCAB, *_SMALL_LSTM],
     "stn_ptb_cpu.yaml": _PTB_VOCAB,
+    "delta_stn_ptb.yaml": [*_PTB_VOCAB, *_SMALL_LSTM],
+    "delta_stn_ptb_cpu.yaml": _PTB_VOCAB,
     "stn_cifar10.yaml": [*_CIFAR, "--data.init_args.hyper_batch_size", "8", "--data.init_args.verify_md5", "false"],
     "stn_cifar10_cpu.yaml": _CIFAR,
     "delta_stn_cifar10.yaml": [

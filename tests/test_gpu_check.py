@@ -70,6 +70,7 @@ def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
     return proc, json.loads(out.read_text())
 
 
+@pytest.mark.slow  # the CPU subprocess run of the script (~40 s under load)
 def test_cpu_run_prints_one_table_line_per_module_and_precision(cpu_run: tuple) -> None:
     proc, _ = cpu_run
     lines = proc.stdout.splitlines()
@@ -83,6 +84,7 @@ def test_cpu_run_prints_one_table_line_per_module_and_precision(cpu_run: tuple) 
     assert lines[-1].startswith("RESULT gpu_check: PASS (4 timed runs, 2 CPU comparisons, 0 errors, 0 skipped, ")
 
 
+@pytest.mark.slow  # the CPU subprocess run of the script (~40 s under load)
 def test_cpu_run_writes_the_json_fields(cpu_run: tuple) -> None:
     _, payload = cpu_run
     assert payload["passed"] is True and payload["synthetic_data"] is True

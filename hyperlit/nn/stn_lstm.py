@@ -15,6 +15,12 @@ f, i, o, g: a permutation of the same parameters).
 
 :class:`DropConnectLSTM` and :func:`embedding_lookup` are the plain counterparts (the fused ``torch.lstm`` kernel,
 cuDNN on a GPU, on DropConnect-masked weights): the baseline of the schedule-replay and fixed-value runs.
+
+Forward-mode AD (:func:`torch.func.jvp`, any other ``torch.func`` transform, or
+:mod:`torch.autograd.forward_ad` dual tensors): :func:`stn_lstm_recurrence` then runs the same time loop as plain
+differentiable tensor operations instead of the hand-written :class:`StnLSTMRecurrence` (which has a reverse-mode
+rule only), so the tangents are exact and themselves differentiable in reverse mode (Δ-STN's linearized response
+step, :class:`~hyperlit.tuning.delta_stn_lm.DeltaStnLanguageModelModule`).
 """
 
 from __future__ import annotations
@@ -26,11 +32,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from hyperlit.nn.regularizers import dropconnect_mask, embedding_dropout_mask
 from hyperlit.nn.stn import StnLayer, VInit
 
-__all__ = ["DropConnectLSTM", "LSTMState", "StnEmbedding", "StnLSTM", "StnLSTMRecurrence", "embedding_lookup"]
+__all__ = [
+    "DropConnectLSTM",
+    "LSTMState",
+    "StnEmbedding",
+    "StnLSTM",
+    "StnLSTMRecurrence",
+    "embedding_lookup",
+    "stn_lstm_recurrence",
+]
 
 LSTMState = tuple[Tensor, Tensor]
 
@@ -187,6 +202,9 @@ class StnLSTMRecurrence(torch.autograd.Function):
 
     Inputs: ``pre`` (T, B, 4H), ``h0``, ``c0`` (B, H), ``w_cat`` (H, 8H), ``s`` (B, 4H).
     Outputs: hidden states (T, B, H), ``h_T``, ``c_T``.
+
+    Reverse mode only: call it through :func:`stn_lstm_recurrence`, which takes a plain-operation path under
+    forward-mode AD.
     """
 
     @staticmethod
@@ -270,6 +288,41 @@ class StnLSTMRecurrence(torch.autograd.Function):
         return d_pre, dh, dc, d_w, d_s
 
 
+def _forward_mode(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether a ``torch.func`` transform is active or an input carries a :mod:`torch.autograd.forward_ad` tangent."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _recurrence_ops(pre: Tensor, h0: Tensor, c0: Tensor, w_cat: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The loop of :class:`StnLSTMRecurrence` as plain differentiable tensor operations (one dtype, no autocast)."""
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in (pre, h0, c0, w_cat, s)])
+    pre, h, c, w_cat, s = (t.to(dtype) for t in (pre, h0, c0, w_cat, s))
+    g = pre.size(-1)
+    outs = []
+    with torch.autocast(pre.device.type, enabled=False):
+        for t in range(pre.size(0)):
+            rec = torch.mm(h, w_cat)
+            i, f, gg, o = (pre[t] + rec[:, :g] + s * rec[:, g:]).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+    return torch.stack(outs), h, c
+
+
+def stn_lstm_recurrence(pre: Tensor, h0: Tensor, c0: Tensor, w_cat: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The STN LSTM time loop (inputs and outputs of :class:`StnLSTMRecurrence`).
+
+    The hand-written BPTT function in reverse mode; under forward-mode AD (a ``torch.func`` transform such as
+    :func:`torch.func.jvp`, or :mod:`torch.autograd.forward_ad` dual inputs) the same loop as plain tensor
+    operations, so ``J·v`` is exact and differentiable in reverse mode (reverse-over-forward).
+    """
+    if _forward_mode((pre, h0, c0, w_cat, s)):
+        return _recurrence_ops(pre, h0, c0, w_cat, s)
+    return StnLSTMRecurrence.apply(pre, h0, c0, w_cat, s)
+
+
 class StnLSTM(StnLayer, _LSTMBase):
     """One best-response LSTM layer (time first) with DropConnect on the hidden-to-hidden weights.
 
@@ -342,7 +395,7 @@ class StnLSTM(StnLayer, _LSTMBase):
         )
         pre = torch.addcmul(proj[..., :g] + bias, s_ih, proj[..., g:])  # (T, B, 4H)
         w_cat = torch.cat([w_hh, r_hh]).t()  # (H, 8H): [W_hh; R_hh] h in one matmul per step
-        out, h, c = StnLSTMRecurrence.apply(pre, h, c, w_cat, s_hh)
+        out, h, c = stn_lstm_recurrence(pre, h, c, w_cat, s_hh)
         return out, (h, c)
 
     def extra_repr(self) -> str:

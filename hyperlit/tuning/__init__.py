@@ -3,6 +3,7 @@
 from hyperlit.tuning.best_response import BestResponseModule
 from hyperlit.tuning.bilevel import BilevelModule
 from hyperlit.tuning.delta_stn import DeltaSelfTuningModule
+from hyperlit.tuning.delta_stn_lm import DeltaStnLanguageModelModule
 from hyperlit.tuning.fixed_hparams import FixedHyperparameterModule
 from hyperlit.tuning.hypergrad import (
     ConjugateGradientSolver,
@@ -26,6 +27,7 @@ __all__ = [
     "BilevelModule",
     "ConjugateGradientSolver",
     "DeltaSelfTuningModule",
+    "DeltaStnLanguageModelModule",
     "ExactSolver",
     "FixedHyperparameterModule",
     "Hypergradient",

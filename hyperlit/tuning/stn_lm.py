@@ -306,7 +306,7 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
     def forward(self, tokens: Tensor, lam: Tensor | None = None, state: Any = None) -> LMOutput:  # type: ignore[override]
         """Logits etc. at per-sequence unconstrained hyperparameters ``lam`` (default: current λ)."""
         lam = self.space.repeat(tokens.size(1)) if lam is None else lam
-        return self.net(tokens, self.space.hnet_input(lam), self.hparam_dict(lam), self.rng, state)
+        return self.net(tokens, self.hnet_input(lam), self.hparam_dict(lam), self.rng, state)
 
     @override
     def train_loss(self, batch: Any, lam: Tensor) -> Tensor:
@@ -315,7 +315,7 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
         hp = self.hparam_dict(lam)
         out = self.net(
             inputs,
-            self.space.hnet_input(lam),
+            self.hnet_input(lam),
             hp,
             generator=self.rng,
             state=self.states.get("train", index, inputs.size(1)),
@@ -333,14 +333,14 @@ class StnLanguageModelModule(LanguageModelEvaluation, SelfTuningModule):
     def hyper_loss(self, batch: Any, lam: Tensor) -> Tensor:
         """Plain cross-entropy on a validation window (eval mode; λ reaches the loss only through the hypernet)."""
         inputs, targets, index = unpack_window(batch)
-        out = self.net(inputs, self.space.hnet_input(lam), None, state=self.states.get("hyper", index, inputs.size(1)))
+        out = self.net(inputs, self.hnet_input(lam), None, state=self.states.get("hyper", index, inputs.size(1)))
         self.states.put("hyper", index, out.state)
         return F.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), targets.reshape(-1))
 
     @override
     def eval_forward(self, inputs: Tensor, state: Any) -> LMOutput:
         lam = self.space.repeat(inputs.size(1))
-        return self.net(inputs, self.space.hnet_input(lam), None, state=state)
+        return self.net(inputs, self.hnet_input(lam), None, state=state)
 
     @override
     def evaluate(self, batch: Any) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:

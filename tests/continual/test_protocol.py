@@ -146,6 +146,7 @@ def test_test_results_are_per_dataloader(make_trainer: Trainers) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~55 s; continual DDP = one process is also checked by tests/distributed/test_ddp_continual.py
 def test_test_results_under_ddp_match_one_process(make_trainer: Trainers) -> None:
     """Two ranks with uneven shards (5 and 4 of 9 examples per task: 2 and 1 batches) log the one-process values."""
     pl.seed_everything(0)

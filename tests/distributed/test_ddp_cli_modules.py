@@ -95,6 +95,7 @@ def _moved_and_finite(ckpt_dir: Path, prefix: str) -> None:
     assert any(not torch.equal(first[k], last[k]) for k in keys), f"{prefix}* did not change in epoch 2"
 
 
+@pytest.mark.slow  # ~35 s; the STN LM under DDP is also checked by tests/distributed/test_ddp_stn_lm.py
 def test_cli_ddp_stn_language_model(tmp_path: Path) -> None:
     from hyperlit.tuning.stn_lm import StnLanguageModelModule
     from tests.datamodules.ptb_fakedata import WORDS

@@ -35,6 +35,7 @@ SCRIPTS = [
     ("ld_toy.py", [], True, "RESULT λ̂ ="),
     ("perweight_l2_hpo.py", ["--threads", "1"], True, "RESULT linear unrolled"),
     ("hypergradient_cost.py", [], False, "RESULT hidden=0 implicit/step="),
+    ("ensembles_benchmark.py", [], True, "RESULT ensembles_benchmark"),
     (
         "gpu_check.py",
         ["--device", "cpu", "--threads", "1", "--modules", "br_perweight,cl_pm10"],

@@ -11,6 +11,7 @@ cannot pass (md5 of the original CIFAR-10 files, UCI row counts) and data-loader
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +41,12 @@ _CIFAR = [
     "false",
 ]
 _UCI = ["--data.init_args.verify_row_counts", "false"]
+# WRN-10-2 instead of WRN-28-10 (width 2 keeps group 0's 1×1 shortcut); the HBE YAML's l2_hparams name the 28-layer
+# paths, so the override gives the WRN-10's
+_WRN10_L2 = {"conv": "input_conv_l2", "fc": "dense_l2"} | {
+    f"groups.{g}.0.{layer}": f"group_{g}_l2" for g in range(3) for layer in ("conv1", "conv2", "shortcut")
+}
+_WRN10 = ["--data.init_args.verify_md5", "false"]
 
 OVERRIDES: dict[str, list[str]] = {
     "br_mnist_global.yaml": _MNIST_SPLITS,
@@ -70,6 +77,28 @@ OVERRIDES: dict[str, list[str]] = {
     "delta_stn_cifar10_cpu.yaml": _CIFAR,
     "implicit_mnist_perweight.yaml": [*_MNIST_SPLITS, "--data.init_args.train_size", "100"],
     "unrolled_mnist_perweight.yaml": [*_MNIST_SPLITS, "--data.init_args.train_size", "100"],
+    "hbe_mnist_cpu.yaml": [*_MNIST_SPLITS, "--data.init_args.train_size", "100"],
+    "hbe_cifar10_cpu.yaml": [*_CIFAR, "--data.init_args.hyper_batch_size", "8"],
+    "hbe_cifar10_wrn28_10.yaml": [
+        *_CIFAR,
+        *_WRN10,
+        "--data.init_args.hyper_batch_size",
+        "8",
+        "--model.init_args.net.init_args.depth",
+        "10",
+        "--model.init_args.net.init_args.width",
+        "2",
+        "--model.init_args.l2_hparams",
+        json.dumps(_WRN10_L2),
+    ],
+    "batch_ensemble_cifar10_wrn28_10.yaml": [
+        *_CIFAR,
+        *_WRN10,
+        "--model.init_args.model.init_args.depth",
+        "10",
+        "--model.init_args.model.init_args.width",
+        "2",
+    ],
 }
 
 

@@ -143,6 +143,8 @@ def test_registry_builds_every_module_from_its_yaml(gpu_check: ModuleType) -> No
         "dstn_cifar10",
         "implicit_perweight",
         "unrolled_perweight",
+        "batch_ensemble_wrn",
+        "hbe_wrn",
     ]
     for check in gpu_check.CHECKS:
         config = gpu_check.load_config(check)

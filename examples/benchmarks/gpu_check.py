@@ -168,6 +168,9 @@ def _tokens(batch: Any) -> int:
 
 _NO_WARMUP = {"warmup_epochs": 0, "warmup_steps": 0}  # λ-steps from the first batches: they are part of what is timed
 _PM10 = {"num_tasks": 10, "num_schedule_epochs": 10, "task_type": "classification", "classes_per_task": 10}
+# the ensembles' CPU/CUDA comparison on WRN-28-2 (the YAMLs' l2_hparams name the 28-layer paths; width 2 keeps the
+# 1×1 shortcut of group 0): WRN-28-10's 512 tiled rows would take minutes per batch on the CPU
+_WRN28_2 = {"class_path": "hyperlit.models.wide_resnet.WideResNet", "init_args": {"depth": 28, "width": 2}}
 
 CHECKS: list[Check] = [
     Check(
@@ -225,6 +228,23 @@ CHECKS: list[Check] = [
         image_batches((784,), 10),
         overrides={"warmup_steps": 0},
         check_overrides={"hyper_every": 2},
+    ),
+    Check(
+        "batch_ensemble_wrn",
+        "batch_ensemble_cifar10_wrn28_10.yaml",
+        image_batches((3, 32, 32), 10),
+        check_overrides={"model": _WRN28_2},
+        steps=100,
+    ),
+    Check(
+        "hbe_wrn",
+        "hbe_cifar10_wrn28_10.yaml",
+        image_batches((3, 32, 32), 10),
+        image_batches((3, 32, 32), 10, batch_key="hyper_batch_size"),
+        # the penalty's divisor: UB's 47,500 training images (the synthetic loader's length counts batches)
+        overrides={**_NO_WARMUP, "train_size": 47500},
+        check_overrides={"net": _WRN28_2},  # its λ-step after batch 3 lies inside the 5 compared batches
+        steps=100,
     ),
 ]
 

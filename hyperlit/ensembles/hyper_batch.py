@@ -22,8 +22,8 @@ has the same structure):
   ``disagreement``.
 
 Differences from UB, on purpose: λ_k lives in STN's Gaussian container (mean and learnable σ on the unconstrained,
-here log, scale) instead of UB's learnable log-uniform bounds; the hypernetwork sees ``log λ`` instead of UB's
-``LogScaler`` ``(log λ − log min)/(log max − log min)``.
+here log, scale) instead of UB's learnable log-uniform bounds. The hypernetwork input follows UB's ``LogScaler``
+(``hnet_scaling="log_range"``): ``(log λ − log min)/(log max − log min)`` over ``l2_range``.
 
 Optimizers (as every bilevel module): ``[φ, λ, σ]``; φ's has two parameter groups ``[shared, fast]``, the fast
 weights (r, s, u, v and the member biases) at ``fast_lr_multiplier`` × lr without weight decay (UB: 0.5).
@@ -33,8 +33,9 @@ Logged after every λ-step: ``hparam/<name>/m<k>`` for every member k (the sched
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,9 @@ class HyperBatchEnsembleModule(EnsembleEvaluation, SelfTuningModule):
             dataset at fit start (saved in checkpoints).
         fast_lr_multiplier: Learning rate of the fast weights relative to the shared weights (UB: 0.5).
         tie_fast_weights: Share (r, s) between the general and the response path (UB default).
+        hnet_scaling: ``log_range`` (UB's ``LogScaler``): the layers see each log-scaled strength as
+            ``(log λ − log low) / (log high − log low)`` over ``l2_range``; ``none``: ``log λ`` (STN's input). With
+            ``none`` the gates ``V λ̃`` scale with ``log λ`` itself.
         fast_init_scale: Standard deviation of the N(1, scale²) fast-weight initialisation (UB's HBE: 0.75).
         **kwargs: The STN loop's settings (``train_steps``, ``hyper_steps``, warm-up, ``entropy_weight``,
             ``tune_sigma``, the optimizers, ``phi_lr_scheduler``, ``grad_clip``, ``nan_policy``, ``seed``): see
@@ -101,6 +105,7 @@ class HyperBatchEnsembleModule(EnsembleEvaluation, SelfTuningModule):
         fast_init_scale: float = 0.75,
         plot_schedule: bool = False,
         train_steps: int = 3,
+        hnet_scaling: Literal["log_range", "none"] = "log_range",
         **kwargs: Any,
     ) -> None:
         if not isinstance(net, HyperBatchEnsembleModel):
@@ -118,6 +123,11 @@ class HyperBatchEnsembleModule(EnsembleEvaluation, SelfTuningModule):
         k, c = check_ensemble_args(net.ensemble_size, num_classes)
         if fast_lr_multiplier <= 0:
             raise ValueError(f"fast_lr_multiplier must be > 0, got {fast_lr_multiplier}")
+        if hnet_scaling not in ("log_range", "none"):
+            raise ValueError(f"hnet_scaling must be 'log_range' or 'none', got {hnet_scaling!r}")
+        lo, hi = (float(v) for v in l2_range)
+        if not 0 < lo < hi:
+            raise ValueError(f"l2_range must satisfy 0 < low < high, got {tuple(l2_range)}")
         if train_size is not None and train_size < 1:
             raise ValueError(f"train_size must be >= 1 or None, got {train_size}")
         super().__init__(
@@ -139,6 +149,14 @@ class HyperBatchEnsembleModule(EnsembleEvaluation, SelfTuningModule):
             seed=self.seed,
         )
         self.fast_lr_multiplier = float(fast_lr_multiplier)
+        self.hnet_scaling = hnet_scaling
+        self.log_l2_range = (math.log(lo), math.log(hi))
+        # the columns the hypernetwork sees as (log λ − log low) / (log high − log low): log-scaled strengths
+        log_columns = torch.zeros(self.space.dim, dtype=torch.bool)
+        for h in self.space.entries:
+            if h.transform == "log":
+                log_columns[self.space.slice(h.name)] = True
+        self.register_buffer("_log_columns", log_columns, persistent=False)
         self.register_buffer("train_size", torch.tensor(0 if train_size is None else int(train_size)))
         self.save_hyperparameters(ignore=["net"])
 
@@ -174,6 +192,18 @@ class HyperBatchEnsembleModule(EnsembleEvaluation, SelfTuningModule):
     @override
     def checkpoint_identity(self) -> dict[str, Any]:
         return {**super().checkpoint_identity(), "ensemble_size": self.ensemble_size}
+
+    @override
+    def hnet_input(self, lam: Tensor) -> Tensor:
+        """What the hyper-batch layers see: with ``hnet_scaling="log_range"`` (UB's ``LogScaler``) every log-scaled
+        strength as ``(log λ − log low) / (log high − log low)`` over ``l2_range`` (0 to 1 inside the range), the
+        other columns as the space gives them; ``"none"``: ``log λ`` itself (STN's unconstrained input)."""
+        base = self.space.hnet_input(lam)
+        if self.hnet_scaling == "none" or not bool(self._log_columns.any()):
+            return base
+        log_lam = lam if self.space.hnet_input_mode == "unconstrained" else base.clamp_min(1e-30).log()
+        a, b = self.log_l2_range
+        return torch.where(self._log_columns, (log_lam - a) / (b - a), base)
 
     # -- λ rows: K·N member-major ------------------------------------------------------------------------------
     @override

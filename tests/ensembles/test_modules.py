@@ -278,3 +278,20 @@ def test_bad_settings_are_refused() -> None:
     x, _ = _batch(4)
     assert tile_members(x, 3).shape == (12, 64)
     assert math.isfinite(float(_hbe().space.entropy().detach()))
+
+
+def test_hnet_input_is_log_lambda_rescaled_to_the_l2_range() -> None:
+    """UB's LogScaler: λ = low → 0, λ = high → 1, and the gradient of the scaled input w.r.t. log λ is
+    1 / (log high − log low); ``hnet_scaling="none"`` passes log λ through (STN's unconstrained input)."""
+    module = _hbe(l2_range=(0.1, 100.0))
+    lam = torch.log(torch.tensor([[0.1, 100.0], [1.0, 10.0]])).requires_grad_()
+    h = module.hnet_input(lam)
+    torch.testing.assert_close(h, torch.tensor([[0.0, 1.0], [1 / 3, 2 / 3]]))
+    (g,) = torch.autograd.grad(h.sum(), lam)
+    torch.testing.assert_close(g, torch.full_like(g, 1 / math.log(1000.0)))
+    plain = _hbe(hnet_scaling="none")
+    torch.testing.assert_close(plain.hnet_input(lam), lam)
+    with pytest.raises(ValueError, match="hnet_scaling"):
+        _hbe(hnet_scaling="minmax")
+    with pytest.raises(ValueError, match="l2_range"):
+        _hbe(l2_range=(0.0, 1.0))

@@ -116,7 +116,7 @@ class BatchEnsembleModule(EnsembleModule):
         self.lr_scheduler = lr_scheduler
         self.grad_clip = grad_clip
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        #: mean training loss (a torchmetrics metric: reduced over DDP ranks)
+        #: the mean training loss, a torchmetrics metric reduced over DDP ranks
         self.train_loss_metric = weighted_mean()
         self.save_hyperparameters(ignore=["model"])
 

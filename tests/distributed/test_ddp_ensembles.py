@@ -81,6 +81,7 @@ def _hbe() -> HyperBatchEnsembleModule:
     return module
 
 
+@pytest.mark.slow  # about 20 s on 2 shared cores (the default suite keeps the deep ensemble's DDP test)
 def test_batch_ensemble_two_processes_equal_one(tmp_path) -> None:
     ddp = fit_ranks(tmp_path / "ddp", _be(), ShardedClassification(4, streams=False))
     single = fit_ranks(tmp_path / "one", _be(), ShardedClassification(8, streams=False), devices=1, strategy="auto")
